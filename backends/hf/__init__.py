@@ -1,0 +1,213 @@
+"""What both backends share: Hugging Face transformers + peft driven through the torch API.
+
+Under the torch backend ``import torch`` is PyTorch; under the MindSpore backend mindnlp has
+redirected it to mindtorch, its torch-API shim over MindSpore. So this module is imported only
+by a backend package, after that backend has activated its framework, and everything here must
+use torch calls that exist in both. What differs per framework (gradients, the optimizer update,
+clipping, device placement, numerical fixes) lives in the backend packages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch  # PyTorch or mindtorch: see the module docstring
+import transformers
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+
+from dualtune.backend import Backend, BackendError
+from dualtune.hub import model_not_found, resolve_model_path
+
+log = logging.getLogger("dualtune")
+
+# Parameters of a classification head train with every method (peft does the same through
+# modules_to_save): a fresh head is random and must learn.
+HEAD_NAMES = ("classifier", "score")
+BITFIT_CONFIG = "adapter_config.json"
+BITFIT_WEIGHTS = "adapter_model.safetensors"
+
+
+def _task_type(task: str):
+    from peft import TaskType
+
+    return TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.SEQ_CLS
+
+
+def peft_config(peft_spec, task: str, model_config=None):
+    """The peft config object for a prefix or LoRA spec."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    if peft_spec.method == "prefix":
+        p = peft_spec.prefix
+        kwargs = {}
+        if p.encoder_hidden_size is not None:
+            kwargs["encoder_hidden_size"] = p.encoder_hidden_size
+        return PrefixTuningConfig(task_type=_task_type(task), num_virtual_tokens=p.num_virtual_tokens,
+                                  prefix_projection=p.prefix_projection, **kwargs)
+    if peft_spec.method == "lora":
+        lo = peft_spec.lora
+        return LoraConfig(task_type=_task_type(task), r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                          target_modules=lo.target_modules)
+    raise ValueError(f"{peft_spec.method} is not a peft method")
+
+
+def add_zero_biases(model, suffixes: Sequence[str]) -> list[str]:
+    """Give bias-free Linear layers whose name ends with one of ``suffixes`` a zero bias (BitFit on T5)."""
+    added = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is None \
+                and any(name == s or name.endswith("." + s) for s in suffixes):
+            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
+            added.append(name)
+    return added
+
+
+def _is_head(name: str) -> bool:
+    return any(name == h or name.startswith(h + ".") or f".{h}." in name for h in HEAD_NAMES)
+
+
+class HFBackend(Backend):
+    """transformers + peft through the torch API; subclasses supply the framework-specific parts."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    # -- tensors
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def to_tensors(self, batch):
+        return {k: torch.tensor(v, dtype=torch.long, device=self.torch_device) for k, v in batch.items()}
+
+    def to_numpy(self, tensor) -> np.ndarray:
+        return tensor.detach().cpu().numpy()
+
+    @property
+    def torch_device(self):
+        return "cpu"
+
+    # -- model
+    def load_tokenizer(self, model_spec):
+        path = resolve_model_path(model_spec.name_or_path)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise model_not_found(model_spec.name_or_path, err) from None
+        if tok.pad_token is None:
+            if not model_spec.pad_token_as_eos:
+                raise BackendError(f"tokenizer of {model_spec.name_or_path} has no pad token; "
+                                   f"set model.pad_token_as_eos=true (decoder LLMs)")
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def load_model(self, model_spec, label_names, tokenizer):
+        path = resolve_model_path(model_spec.name_or_path)
+        try:
+            if model_spec.task == "seq2seq":
+                model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
+            else:
+                model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=len(label_names),
+                    id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+        except OSError as err:
+            raise model_not_found(model_spec.name_or_path, err) from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model.to(self.torch_device)
+
+    def apply_peft(self, model, peft_spec, task, seed):
+        self.seed(seed)  # adapter initialisation is seeded
+        method = peft_spec.method
+        if method in ("prefix", "lora"):
+            from peft import get_peft_model
+
+            return get_peft_model(model, peft_config(peft_spec, task, model.config))
+        if method == "bitfit":
+            added = add_zero_biases(model, peft_spec.bitfit.add_bias_to)
+            model._dualtune_added_biases = added
+            for name, p in model.named_parameters():
+                p.requires_grad = _is_head(name) or any(s in name for s in peft_spec.bitfit.patterns)
+            model.to(self.torch_device)
+        return model
+
+    def trainable_parameters(self, model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def parameter_count(self, model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    def set_training(self, model, training: bool) -> None:
+        model.train(training)
+
+    # -- evaluation
+    def _forward(self, model, batch):
+        return model(**batch)
+
+    def eval_batch(self, model, batch):
+        with torch.no_grad():
+            out = self._forward(model, batch)
+        return float(out.loss), self.to_numpy(out.logits)
+
+    def generate(self, model, batch, max_new_tokens):
+        with torch.no_grad():
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        return self.to_numpy(out)
+
+    # -- saving and loading
+    def save(self, model, directory, peft_spec):
+        directory = Path(directory)
+        if peft_spec.method in ("prefix", "lora"):
+            model.save_pretrained(directory)
+        elif peft_spec.method == "bitfit":
+            # peft has no BitFit: the trained tensors go in a safetensors file of the same name,
+            # with a config that says which tensors they are and which biases were added.
+            tensors = {n: self.to_numpy(p).copy() for n, p in self.trainable_parameters(model)}
+            directory.mkdir(parents=True, exist_ok=True)
+            save_numpy(tensors, str(directory / BITFIT_WEIGHTS))
+            config = {"peft_type": "BITFIT", "format": "dualtune",
+                      "base_model_name_or_path": model.config.name_or_path,
+                      "patterns": list(peft_spec.bitfit.patterns),
+                      "add_bias_to": list(peft_spec.bitfit.add_bias_to),
+                      "added_biases": getattr(model, "_dualtune_added_biases", [])}
+            (directory / BITFIT_CONFIG).write_text(json.dumps(config, indent=2))
+        else:
+            model.save_pretrained(directory)
+
+    def load_trained(self, model_spec, label_names, tokenizer, peft_spec, directory):
+        directory = str(directory)
+        if peft_spec.method == "none":
+            spec = model_spec.model_copy(update={"name_or_path": directory})
+            return self.load_model(spec, label_names, tokenizer)
+        model = self.load_model(model_spec, label_names, tokenizer)
+        if peft_spec.method in ("prefix", "lora"):
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, directory)
+        config = json.loads((Path(directory) / BITFIT_CONFIG).read_text())
+        add_zero_biases(model, config["add_bias_to"])
+        saved = load_numpy(os.path.join(directory, BITFIT_WEIGHTS))
+        params = dict(model.named_parameters())
+        missing = sorted(set(saved) - set(params))
+        if missing:
+            raise BackendError(f"{directory}: tensors {missing[:3]} do not exist in {model_spec.name_or_path}")
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(torch.tensor(value, device=params[name].device))
+        return model.to(self.torch_device)
+
+    # -- tiny models for tests and smoke runs
+    def save_tiny_model(self, kind: str, directory: str, vocab_texts: Sequence[str], seed: int = 0) -> None:
+        from dualtune.tiny import tiny_config, tiny_tokenizer
+
+        self.seed(seed)
+        tok = tiny_tokenizer(vocab_texts)
+        config = tiny_config(kind, tok)
+        cls = transformers.T5ForConditionalGeneration if kind == "t5" else transformers.BertModel
+        cls(config).save_pretrained(directory)
+        tok.save_pretrained(directory)

@@ -1,0 +1,117 @@
+"""The seam between the core and a framework.
+
+A backend supplies only what a framework must: tensors, model loading, applying the PEFT spec, a
+value-and-grad step, the optimizer update, generation and saving. The core (recipe, data, schedule,
+loop, evaluation, run directory) talks to it through this interface and never imports a framework.
+
+Choosing a backend is process-wide: mindnlp redirects ``import torch`` to its MindSpore shim for the
+rest of the process, so the backend is activated before transformers is imported and only one
+backend can be active per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+
+BACKENDS = ("torch", "mindspore")
+_active: "Backend | None" = None
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used as asked; the message is one line meant for the user."""
+
+
+class Backend(ABC):
+    name: str
+    device: str
+
+    # -- tensors and randomness
+    @abstractmethod
+    def seed(self, seed: int) -> None: ...
+
+    @abstractmethod
+    def to_tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def to_numpy(self, tensor) -> np.ndarray: ...
+
+    # -- model
+    @abstractmethod
+    def load_tokenizer(self, model_spec): ...
+
+    @abstractmethod
+    def load_model(self, model_spec, label_names: Sequence[str], tokenizer): ...
+
+    @abstractmethod
+    def apply_peft(self, model, peft_spec, task: str, seed: int): ...
+
+    @abstractmethod
+    def trainable_parameters(self, model) -> list[tuple[str, Any]]: ...
+
+    @abstractmethod
+    def parameter_count(self, model) -> int: ...
+
+    @abstractmethod
+    def set_training(self, model, training: bool) -> None: ...
+
+    # -- the training step: the loop calls these three in order
+    @abstractmethod
+    def value_and_grad(self, model, params: list, batch: dict) -> tuple[Any, list]:
+        """Loss of ``model`` on ``batch`` and its gradients w.r.t. ``params`` (same order).
+        Nothing else is updated or accumulated."""
+
+    @abstractmethod
+    def clip_grads(self, grads: list, max_norm: float | None) -> tuple[list, float]:
+        """Global-norm clipping (torch's rule); returns the clipped grads and the norm before."""
+
+    @abstractmethod
+    def make_optimizer(self, params: list, optim_spec):
+        """AdamW state for ``params``; see ``dualtune.optim.adamw_reference`` for the math."""
+
+    @abstractmethod
+    def apply_update(self, optimizer, grads: list, lr: float) -> None:
+        """One AdamW step with learning rate ``lr``."""
+
+    # -- evaluation
+    @abstractmethod
+    def eval_batch(self, model, batch: dict) -> tuple[float, np.ndarray]:
+        """(mean loss, logits as numpy) without gradients."""
+
+    @abstractmethod
+    def generate(self, model, batch: dict, max_new_tokens: int) -> np.ndarray:
+        """Greedy decoding; token ids as numpy (seq2seq)."""
+
+    # -- saving and loading
+    @abstractmethod
+    def save(self, model, directory: str, peft_spec) -> None:
+        """Adapters in Hugging Face PEFT format (full fine-tuning: the whole model)."""
+
+    @abstractmethod
+    def load_trained(self, model_spec, label_names: Sequence[str], tokenizer, peft_spec, directory: str):
+        """The base model with the weights saved by ``save``, ready for evaluation."""
+
+
+def active_backend() -> "Backend | None":
+    return _active
+
+
+def get_backend(name: str | None = None, device: str = "cpu") -> Backend:
+    """Activate a backend for this process (``name``, else ``$DUALTUNE_BACKEND``, else torch)."""
+    global _active
+    name = name or os.environ.get("DUALTUNE_BACKEND") or "torch"
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if _active is not None:
+        if _active.name != name:
+            raise BackendError(
+                f"the {_active.name} backend is already active in this process; {name} needs a "
+                f"process of its own (mindnlp takes over `import torch` for the whole process)")
+        return _active
+    module = importlib.import_module(f"dualtune.backends.{name}")
+    _active = module.create(device)
+    return _active

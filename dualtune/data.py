@@ -1,0 +1,251 @@
+"""The dataset map: load rows, split them (seeded), tokenize once, and cut numpy batches.
+
+Everything here is framework-free: the same recipe and seed give byte-identical batches in the
+same order on every backend. Backends only turn the numpy arrays into tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dualtune.recipe import DataSpec
+
+FPB_REPO = "takala/financial_phrasebank"
+FPB_ZIP = "data/FinancialPhraseBank-v1.0.zip"
+FPB_CONFIGS = {"sentences_allagree": "AllAgree", "sentences_75agree": "75Agree",
+               "sentences_66agree": "66Agree", "sentences_50agree": "50Agree"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass
+class Rows:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples, unpadded; ``targets`` are label token ids (seq2seq) or class ids."""
+
+    input_ids: list[list[int]]
+    targets: list  # list[list[int]] for seq2seq, list[int] for classification
+    labels: list[int]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------- loading
+
+def _parse_sentence_at_label(raw: bytes, origin: str) -> list[dict]:
+    """financial_phrasebank's own format: ``sentence@label`` per line (latin-1 in the original)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        sentence, sep, label = line.rpartition("@")
+        if not sep or not sentence.strip() or not label.strip():
+            raise DataError(f"{origin}:{lineno}: expected 'sentence@label', got {line[:60]!r}")
+        rows.append({"sentence": sentence.strip(), "label": label.strip()})
+    return rows
+
+
+def _fpb_member(config: str | None) -> str:
+    key = (config or "sentences_allagree").lower()
+    if key not in FPB_CONFIGS:
+        raise DataError(f"data.config {config!r}: expected one of {', '.join(FPB_CONFIGS)}")
+    return f"Sentences_{FPB_CONFIGS[key]}.txt"
+
+
+def _read_fpb_zip(path: Path, config: str | None) -> list[dict]:
+    member = _fpb_member(config)
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n.endswith("/" + member) or n == member]
+        if not names:
+            raise DataError(f"{path}: no {member} inside the zip")
+        return _parse_sentence_at_label(zf.read(names[0]), f"{path}!{names[0]}")
+
+
+def _read_table(path: Path, spec: DataSpec) -> list[dict]:
+    import datasets
+
+    builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    kind = builder.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type (csv, tsv, json, jsonl, parquet, txt, zip)")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    datasets.disable_progress_bars()  # a one-off conversion of a small file; our own bar is the run's
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    return _rows_from_hf(ds, spec, str(path))
+
+
+def _rows_from_hf(ds, spec: DataSpec, origin: str) -> list[dict]:
+    missing = [f for f in (spec.text_field, spec.label_field) if f not in ds.column_names]
+    if missing:
+        raise DataError(f"{origin}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+                        f"set data.text_field / data.label_field")
+    feature = ds.features[spec.label_field]
+    names = getattr(feature, "names", None)
+    rows = [{"sentence": t, "label": names[l] if names else l}
+            for t, l in zip(ds[spec.text_field], ds[spec.label_field])]
+    return rows
+
+
+def _read_local(path: Path, spec: DataSpec) -> list[dict]:
+    if path.is_dir():
+        hits = sorted(path.rglob(_fpb_member(spec.config)))
+        if hits:
+            return _parse_sentence_at_label(hits[0].read_bytes(), str(hits[0]))
+        zips = sorted(path.rglob("FinancialPhraseBank*.zip"))
+        if zips:
+            return _read_fpb_zip(zips[0], spec.config)
+        raise DataError(f"{path}: directory has no {_fpb_member(spec.config)} or FinancialPhraseBank zip")
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        return _read_fpb_zip(path, spec.config)
+    if suffix == ".txt":
+        return _parse_sentence_at_label(path.read_bytes(), str(path))
+    return _read_table(path, spec)
+
+
+def _read_hub(spec: DataSpec) -> list[dict]:
+    hint = (f"no local file or directory {spec.source!r}, and the hub could not be reached; "
+            f"point data.source at a local copy (a csv/jsonl file, a Sentences_*.txt or the "
+            f"FinancialPhraseBank zip)")
+    if spec.source in ("financial_phrasebank", FPB_REPO):
+        # The script loader is gone from current `datasets`; the repo still holds the original zip.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            zip_path = hf_hub_download(FPB_REPO, FPB_ZIP, repo_type="dataset")
+        except Exception as err:  # offline, DNS, auth: all mean "get a local copy"
+            raise DataError(f"dataset {spec.source!r}: {hint} ({type(err).__name__})") from None
+        return _read_fpb_zip(Path(zip_path), spec.config)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.source, spec.config, split="train")
+    except Exception as err:
+        raise DataError(f"dataset {spec.source!r}: {hint} ({type(err).__name__})") from None
+    return _rows_from_hf(ds, spec, spec.source)
+
+
+def load_rows(spec: DataSpec) -> Rows:
+    """Read the dataset named by ``spec.source`` into texts and integer labels."""
+    if spec.source == "synthetic":
+        from dualtune import synthetic
+
+        raw = synthetic.generate(rows=spec.max_rows or 1000, seed=0)
+    elif Path(spec.source).exists():
+        raw = _read_local(Path(spec.source), spec)
+    else:
+        raw = _read_hub(spec)
+    if spec.max_rows is not None:
+        raw = raw[: spec.max_rows]
+    if not raw:
+        raise DataError(f"{spec.source}: no rows")
+
+    values = [r["label"] for r in raw]
+    names = list(spec.label_names) if spec.label_names else None
+    if names is None:
+        names = sorted({str(v) for v in values}) if all(isinstance(v, str) for v in values) \
+            else [str(i) for i in range(max(int(v) for v in values) + 1)]
+    index = {n: i for i, n in enumerate(names)}
+    labels = []
+    for i, v in enumerate(values):
+        if isinstance(v, str) and not v.lstrip("-").isdigit():
+            if v not in index:
+                raise DataError(f"{spec.source}: row {i + 1} has label {v!r}, not in {names}")
+            labels.append(index[v])
+        else:
+            if not 0 <= int(v) < len(names):
+                raise DataError(f"{spec.source}: row {i + 1} has label {v!r}, outside 0..{len(names) - 1}")
+            labels.append(int(v))
+    return Rows([str(r["sentence"]) for r in raw], labels, names)
+
+
+# ---------------------------------------------------------------- split, tokenize, batch
+
+def split_rows(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """Seeded shuffle, then the first part trains; eval gets ceil((1 - f) * n) rows as in
+    ``datasets.Dataset.train_test_split`` (2264 rows at 0.9 -> 227 eval rows)."""
+    n = len(rows.texts)
+    n_eval = math.ceil(round((1.0 - train_fraction) * n, 6))
+    if n_eval < 1 or n - n_eval < 1:
+        raise DataError(f"{n} rows cannot be split {train_fraction:g}/{1 - train_fraction:g}")
+    order = np.random.default_rng(seed).permutation(n)
+
+    def take(idx) -> Rows:
+        return Rows([rows.texts[i] for i in idx], [rows.labels[i] for i in idx], rows.label_names)
+
+    return take(order[: n - n_eval]), take(order[n - n_eval:])
+
+
+def encode(rows: Rows, tokenizer, spec: DataSpec, task: str) -> Encoded:
+    """Tokenize once, without padding (padding happens per batch)."""
+    input_ids = tokenizer(rows.texts, truncation=True, max_length=spec.max_length)["input_ids"]
+    if task == "seq2seq":
+        words = [rows.label_names[l] for l in rows.labels]
+        targets = tokenizer(words, truncation=True, max_length=spec.label_max_length)["input_ids"]
+    else:
+        targets = list(rows.labels)
+    return Encoded([list(x) for x in input_ids], targets, list(rows.labels), list(rows.texts))
+
+
+def _pad(seqs: list[list[int]], value: int, length: int) -> np.ndarray:
+    out = np.full((len(seqs), length), value, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[str, np.ndarray]:
+    ids = [enc.input_ids[i] for i in idx]
+    length = spec.max_length if spec.padding == "max_length" else max(len(s) for s in ids)
+    batch = {"input_ids": _pad(ids, pad_id, length),
+             "attention_mask": _pad([[1] * len(s) for s in ids], 0, length)}
+    if task == "seq2seq":
+        tgt = [enc.targets[i] for i in idx]
+        tlen = spec.label_max_length if spec.padding == "max_length" else max(len(t) for t in tgt)
+        batch["labels"] = _pad(tgt, -100, tlen)  # -100: ignored by the loss
+    else:
+        batch["labels"] = np.asarray([enc.targets[i] for i in idx], dtype=np.int64)
+    return batch
+
+
+def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: str,
+            shuffle_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in a seeded order (``shuffle_seed``) or in dataset order (None)."""
+    order = np.arange(len(enc))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(enc))
+    for start in range(0, len(enc), batch_size):
+        yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    for r in rows:
+        buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+    path.write_text(buf.getvalue())

@@ -1,0 +1,204 @@
+"""The recipe: one YAML file that says what to fine-tune and how, validated into a typed object.
+
+Unknown keys and wrong types are errors that name the dotted path, the value and what was
+expected. ``key=value`` overrides (torchtune style) are applied to the raw mapping before
+validation, so they are checked by the same rules.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message is one line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    name_or_path: str
+    task: Literal["seq2seq", "classification"]
+    num_labels: Optional[int] = Field(default=None, ge=2)
+    # Decoder LLMs ship without a pad token; the seeds' workflow sets it to eos.
+    pad_token_as_eos: bool = False
+
+
+class DataSpec(_Strict):
+    source: str                                # hub id, or a local file or directory
+    config: Optional[str] = None               # hub config / financial_phrasebank agreement level
+    text_field: str = "sentence"
+    label_field: str = "label"
+    label_names: Optional[list[str]] = None    # label id -> name; seq2seq targets use these words
+    train_split: float = Field(default=0.9, gt=0.0, lt=1.0)
+    seed: int = 42
+    max_length: int = Field(default=128, ge=1)
+    label_max_length: int = Field(default=3, ge=1)
+    max_rows: Optional[int] = Field(default=None, ge=2)  # keep the first N rows (smoke runs)
+    padding: Literal["longest", "max_length"] = "longest"
+
+
+class PrefixSpec(_Strict):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    prefix_projection: bool = False
+    encoder_hidden_size: Optional[int] = None
+
+
+class LoraSpec(_Strict):
+    r: int = Field(default=8, ge=1)
+    alpha: float = 32
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+
+
+class BitFitSpec(_Strict):
+    # Parameters whose name contains one of these train.
+    patterns: list[str] = ["bias"]
+    # Bias-free models (T5): add zero-initialised biases to Linear layers whose name ends with
+    # one of these (e.g. [q, v, o, wi, wo]), so BitFit trains what the paper meant.
+    add_bias_to: list[str] = []
+
+
+class PeftSpec(_Strict):
+    method: Literal["prefix", "lora", "bitfit", "none"]
+    prefix: PrefixSpec = PrefixSpec()
+    lora: LoraSpec = LoraSpec()
+    bitfit: BitFitSpec = BitFitSpec()
+
+
+class OptimSpec(_Strict):
+    """AdamW (decoupled weight decay, Loshchilov & Hutter), with optional global-norm clipping."""
+
+    lr: float = Field(gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    grad_clip: Optional[float] = Field(default=None, gt=0.0)
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["linear", "constant"] = "linear"
+    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ScheduleSpec":
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(default=1, ge=1)
+    max_steps: Optional[int] = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
+    batch_size: int = Field(default=8, ge=1)
+    eval_batch_size: Optional[int] = Field(default=None, ge=1)
+    eval_every: Union[Literal["epoch"], int] = "epoch"  # "epoch" or every N optimizer steps
+    seed: int = 42
+    output_dir: str = "runs/{recipe}-{backend}"
+    log_every: int = Field(default=1, ge=1)
+    generate: bool = True  # seq2seq: also evaluate by generating label text
+
+
+class Recipe(_Strict):
+    name: Optional[str] = None
+    model: ModelSpec
+    data: DataSpec
+    peft: PeftSpec
+    optim: OptimSpec
+    schedule: ScheduleSpec = ScheduleSpec()
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _labels_known(self) -> "Recipe":
+        names = self.data.label_names
+        if self.model.task == "classification" and self.model.num_labels is None and not names:
+            raise ValueError("classification needs model.num_labels or data.label_names")
+        if names and self.model.num_labels is not None and len(names) != self.model.num_labels:
+            raise ValueError(
+                f"data.label_names has {len(names)} names but model.num_labels is {self.model.num_labels}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    where = f"{path}: " if path else ""
+    if "input" in first and kind != "value_error":
+        return f"{where}got {_describe(first['input'])}, expected {msg[0].lower()}{msg[1:]}"
+    return f"{where}{msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` -> (["optim", "lr"], 0.0003). The value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 3e-4 as a string; a number is what anyone typing it means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides))
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping at the top level")
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, overrides)

@@ -1,0 +1,51 @@
+"""Tiny models made from a config at run time, with a word-level tokenizer built from the data.
+
+For tests and offline smoke runs only: the weights are random, so they learn the data by heart
+rather than understand it. The model files themselves are written by a backend
+(``dualtune tiny``), so both backends can load the very same weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def tiny_tokenizer(texts: Sequence[str]):
+    """A fast tokenizer over the words of ``texts`` that appends ``</s>`` like T5's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for text in texts:
+        for w in words(text):
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(r"\w+|[^\w\s]", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(kind: str, tokenizer):
+    from transformers import BertConfig, T5Config
+
+    vocab_size = len(tokenizer)
+    if kind == "t5":
+        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                        dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if kind == "bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=256, pad_token_id=0)
+    raise ValueError(f"unknown tiny model kind {kind!r}: expected t5 or bert")

@@ -1,0 +1,215 @@
+"""The training loop, evaluation and checkpoints: framework-free, driving a ``Backend``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dualtune import data as datamap
+from dualtune.backend import Backend
+from dualtune.recipe import Recipe
+from dualtune.rundir import RunDir, write_atomic, write_json
+from dualtune.schedule import lr_at
+
+log = logging.getLogger("dualtune")
+# Below this share of the parameters, BitFit has found almost nothing to train (t5-small: 0.0008 %).
+BITFIT_TOO_FEW = 1e-4
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before the first step: data, model, trainable parameters."""
+
+    recipe: Recipe
+    tokenizer: object
+    label_names: list[str]
+    train: datamap.Encoded
+    eval: datamap.Encoded
+    model: object
+    params: list
+    trainable: dict[str, int] = field(default_factory=dict)
+    total_params: int = 0
+
+
+def prepare(recipe: Recipe, backend: Backend) -> Prepared:
+    tokenizer = backend.load_tokenizer(recipe.model)
+    rows = datamap.load_rows(recipe.data)
+    train_rows, eval_rows = datamap.split_rows(rows, recipe.data.train_split, recipe.data.seed)
+    task = recipe.model.task
+    enc_train = datamap.encode(train_rows, tokenizer, recipe.data, task)
+    enc_eval = datamap.encode(eval_rows, tokenizer, recipe.data, task)
+    backend.seed(recipe.train.seed)
+    model = backend.load_model(recipe.model, rows.label_names, tokenizer)
+    model = backend.apply_peft(model, recipe.peft, task, recipe.train.seed)
+    named = backend.trainable_parameters(model)
+    prepared = Prepared(recipe, tokenizer, rows.label_names, enc_train, enc_eval, model,
+                        [p for _, p in named], {n: int(p.numel()) for n, p in named},
+                        backend.parameter_count(model))
+    _report_trainable(prepared)
+    return prepared
+
+
+def _report_trainable(prep: Prepared) -> None:
+    n_train = sum(prep.trainable.values())
+    share = n_train / max(1, prep.total_params)
+    log.info("method %s: %d trainable tensors, %s of %s parameters (%.4f %%)", prep.recipe.peft.method,
+             len(prep.trainable), f"{n_train:,}", f"{prep.total_params:,}", 100 * share)
+    for name, count in prep.trainable.items():
+        log.debug("  trains %s (%d)", name, count)
+    if prep.recipe.peft.method == "bitfit":
+        biases = sum(c for n, c in prep.trainable.items()
+                     if any(s in n for s in prep.recipe.peft.bitfit.patterns))
+        if biases / max(1, prep.total_params) < BITFIT_TOO_FEW:
+            log.warning("BitFit found almost nothing to train: %d bias parameters (%.5f %% of the model). "
+                        "Bias-free models such as T5 need peft.bitfit.add_bias_to=[q,k,v,o,wi,wo] to add "
+                        "zero-initialised biases", biases, 100 * biases / max(1, prep.total_params))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _decode(tokenizer, ids: np.ndarray) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions on the eval split, in dataset order."""
+    r = prep.recipe
+    task = r.model.task
+    generate = r.train.generate if generate is None else generate
+    tok = prep.tokenizer
+    backend.set_training(prep.model, False)
+    total_loss, seen, predictions = 0.0, 0, []
+    bs = r.train.eval_batch_size or r.train.batch_size
+    start = 0
+    for np_batch in datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task):
+        n = len(np_batch["input_ids"])
+        batch = backend.to_tensors(np_batch)
+        loss, logits = backend.eval_batch(prep.model, batch)
+        total_loss += loss * n
+        seen += n
+        gold = prep.eval.labels[start: start + n]
+        if task == "classification":
+            for g, row in zip(gold, logits):
+                predictions.append({"label": prep.label_names[g], "pred": prep.label_names[int(row.argmax())],
+                                    "logits": [float(x) for x in row]})
+        else:
+            labels = np_batch["labels"]
+            argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
+            forced = _decode(tok, argmax)
+            generated = _decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
+                if generate else [None] * n
+            for g, f, gen in zip(gold, forced, generated):
+                predictions.append({"label": prep.label_names[g], "teacher_forced": f, "generated": gen})
+        start += n
+    backend.set_training(prep.model, True)
+    metrics = {"eval_loss": total_loss / max(1, seen)}
+    if task == "classification":
+        metrics["accuracy"] = float(np.mean([p["pred"] == p["label"] for p in predictions]))
+    else:
+        metrics["teacher_forced_accuracy"] = float(np.mean([p["teacher_forced"] == p["label"] for p in predictions]))
+        if generate:
+            metrics["exact_match"] = float(np.mean([p["generated"] == p["label"] for p in predictions]))
+    majority = Counter(prep.train.labels).most_common(1)[0][0]
+    metrics["majority_class_accuracy"] = float(np.mean([l == majority for l in prep.eval.labels]))
+    return metrics, predictions
+
+
+def main_metric(task: str) -> str:
+    return "accuracy" if task == "classification" else "teacher_forced_accuracy"
+
+
+# ---------------------------------------------------------------- training
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    steps = recipe.train.epochs * datamap.num_batches(n_train, recipe.train.batch_size)
+    return min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps
+
+
+def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress: bool = True) -> list[dict]:
+    """Run the recipe's optimizer steps; returns the per-step records (also written to ``run``)."""
+    r = prep.recipe
+    task, pad = r.model.task, prep.tokenizer.pad_token_id
+    steps = total_steps(r, len(prep.train))
+    optimizer = backend.make_optimizer(prep.params, r.optim)
+    eval_every = r.train.eval_every if isinstance(r.train.eval_every, int) else None
+    per_epoch = datamap.num_batches(len(prep.train), r.train.batch_size)
+    records, step = [], 0
+    backend.set_training(prep.model, True)
+    bar = tqdm(total=steps, desc=f"{r.name or 'train'} [{backend.name}]", disable=not progress, unit="step")
+    started = time.perf_counter()
+    for epoch in range(r.train.epochs):
+        # The order depends only on (seed, epoch): identical on every backend.
+        for np_batch in datamap.batches(prep.train, r.train.batch_size, pad, r.data, task,
+                                        shuffle_seed=r.train.seed + epoch):
+            if step >= steps:
+                break
+            lr = lr_at(step, r.optim.lr, r.schedule, steps)
+            loss, grads = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(np_batch))
+            grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
+            backend.apply_update(optimizer, grads, lr)
+            step += 1
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower optim.lr or set optim.grad_clip")
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            records.append(record)
+            if run is not None and step % r.train.log_every == 0:
+                run.log_metrics(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            end_of_epoch = step % per_epoch == 0 or step == steps
+            if (eval_every and step % eval_every == 0) or (eval_every is None and end_of_epoch):
+                _evaluate_and_checkpoint(backend, prep, run, step, epoch)
+    bar.close()
+    log.info("trained %d steps in %.1f s", step, time.perf_counter() - started)
+    return records
+
+
+def _evaluate_and_checkpoint(backend, prep, run, step, epoch) -> None:
+    metrics, _ = evaluate(backend, prep, generate=False)
+    record = {"step": step, "epoch": epoch, **metrics}
+    log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if run is not None:
+        run.log_metrics({"split": "eval", **record})
+        backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
+
+
+def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progress: bool = True) -> Path:
+    """Train, evaluate and write the run directory; returns its final path."""
+    output_dir = Path(output_dir)
+    with RunDir(output_dir) as run:
+        handler = logging.FileHandler(run.path / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("dualtune").addHandler(handler)
+        try:
+            write_atomic(run.path / "recipe.yaml", recipe.to_yaml())
+            prep = prepare(recipe, backend)
+            write_json(run.path / "trainable.json", {"method": recipe.peft.method, "total": prep.total_params,
+                                                     "trainable": sum(prep.trainable.values()),
+                                                     "tensors": prep.trainable})
+            started = time.perf_counter()
+            records = train(backend, prep, run, progress)
+            seconds = time.perf_counter() - started
+            backend.save(prep.model, run.path / "adapter", recipe.peft)
+            metrics, predictions = evaluate(backend, prep)
+            write_atomic(run.path / "predictions.jsonl",
+                         "".join(json.dumps(p) + "\n" for p in predictions))
+            final = {"backend": backend.name, "device": backend.device, "steps": len(records),
+                     "first_loss": records[0]["loss"] if records else None,
+                     "last_loss": records[-1]["loss"] if records else None,
+                     "train_seconds": seconds, "trainable_parameters": sum(prep.trainable.values()),
+                     "total_parameters": prep.total_params, **metrics}
+            write_json(run.path / "final_metrics.json", final)
+            log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        finally:
+            logging.getLogger("dualtune").removeHandler(handler)
+            handler.close()
+    return output_dir
