@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
@@ -94,6 +95,14 @@ class Backend(ABC):
     @abstractmethod
     def load_trained(self, model_spec, label_names: Sequence[str], tokenizer, peft_spec, directory: str):
         """The base model with the weights saved by ``save``, ready for evaluation."""
+
+
+def torch_flavour() -> str | None:
+    """Which ``torch`` this process has imported: None, "torch" (PyTorch) or "mindtorch" (mindnlp's shim)."""
+    module = sys.modules.get("torch")
+    if module is None:
+        return "mindtorch" if "mindnlp" in sys.modules else None
+    return "mindtorch" if "mindtorch" in (getattr(module, "__file__", None) or "") else "torch"
 
 
 def active_backend() -> "Backend | None":

@@ -108,7 +108,14 @@ def _cmd_synthetic(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`run R --backend ms a=1`): collect the strays.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "run"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
     _setup_logging(args.verbose)
     commands = {"run": _cmd_run, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
     try:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
+from dualtune.backend import BackendError, torch_flavour
 
-from dualtune.backend import BackendError
-
-if "mindnlp" in sys.modules or getattr(sys.modules.get("torch"), "__name__", "torch") != "torch":
+if torch_flavour() == "mindtorch":
     raise BackendError("the torch backend cannot start: MindSpore (mindnlp) is already active in this "
                        "process and `import torch` now means mindtorch; run torch in a separate process")
 

@@ -1,0 +1,110 @@
+"""The MindSpore backend: transformers + peft on MindSpore through mindnlp's torch-API shim.
+
+``import mindnlp`` makes every later ``import torch`` in this process yield mindtorch. Under it
+``loss.backward()`` does nothing, ``torch.optim.AdamW`` has no CPU kernel (addcdiv) and
+``zero_grad`` fails, so gradients come from MindSpore's functional autodiff and the AdamW update
+is written here with ops that exist on CPU and Ascend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from dualtune.backend import BackendError, torch_flavour
+
+# --device -> (MindSpore device target, mindtorch device name)
+DEVICES = {"cpu": ("CPU", "cpu"), "ascend": ("Ascend", "npu"), "gpu": ("GPU", "cuda")}
+
+
+def activate(device: str) -> None:
+    """Point MindSpore at ``device`` and install mindnlp's ``import torch`` redirect."""
+    if torch_flavour() == "torch":
+        raise BackendError("the mindspore backend cannot start: PyTorch is already imported in this "
+                           "process, and mindnlp would mix it with mindtorch; run mindspore in a separate process")
+    if device not in DEVICES:
+        raise BackendError(f"--device {device}: the mindspore backend runs on {', '.join(DEVICES)}")
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logging: errors only
+    import mindspore
+
+    mindspore.set_device(DEVICES[device][0])
+    # mindnlp points HF_ENDPOINT at a mirror when it is unset; keep the user's choice (unset means
+    # huggingface.co, as everywhere else) and leave the environment as we found it.
+    user_endpoint = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = user_endpoint or "https://huggingface.co"
+    import mindnlp  # noqa: F401  (the redirect)
+
+    if user_endpoint is None:
+        del os.environ["HF_ENDPOINT"]
+
+
+def create(device: str = "cpu"):
+    activate(device)
+    from dualtune.backends.mindspore import compat
+
+    compat.apply()
+    return _backend_class()(device)
+
+
+def _backend_class():
+    # Defined after activation: its module-level `import torch` must resolve to mindtorch.
+    import mindspore
+    import torch
+    from mindtorch.autograd import value_and_grad
+
+    from dualtune.backends.hf import HFBackend
+
+    class MindSporeBackend(HFBackend):
+        name = "mindspore"
+
+        def __init__(self, device: str):
+            super().__init__(device)
+            self._grad_fns: dict = {}
+
+        @property
+        def torch_device(self):
+            return DEVICES[self.device][1]
+
+        def seed(self, seed: int) -> None:
+            mindspore.set_seed(seed)
+            torch.manual_seed(seed)
+
+        def value_and_grad(self, model, params, batch):
+            key = (id(model), len(params))
+            if key not in self._grad_fns:
+                def loss_fn(input_ids, attention_mask, labels):
+                    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+                self._grad_fns[key] = value_and_grad(loss_fn, params, attach_grads=False)
+            loss, grads = self._grad_fns[key](batch["input_ids"], batch["attention_mask"], batch["labels"])
+            # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
+            return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
+
+        def clip_grads(self, grads, max_norm):
+            norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+            if max_norm is not None:
+                scale = min(1.0, max_norm / (norm + 1e-6))
+                if scale < 1.0:
+                    grads = [g * scale for g in grads]
+            return grads, norm
+
+        def make_optimizer(self, params, optim_spec):
+            return {"params": params, "spec": optim_spec, "step": 0,
+                    "m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params]}
+
+        def apply_update(self, optimizer, grads, lr):
+            # torch.optim.AdamW's arithmetic (see dualtune.optim.adamw_reference), in-place ops only.
+            spec = optimizer["spec"]
+            b1, b2 = spec.betas
+            optimizer["step"] += 1
+            step = optimizer["step"]
+            bc1, bc2_sqrt = 1.0 - b1**step, math.sqrt(1.0 - b2**step)
+            with torch.no_grad():
+                for p, g, m, v in zip(optimizer["params"], grads, optimizer["m"], optimizer["v"]):
+                    p.mul_(1.0 - lr * spec.weight_decay)
+                    m.mul_(b1).add_(g * (1.0 - b1))
+                    v.mul_(b2).add_(g * g * (1.0 - b2))
+                    denom = (v.sqrt() / bc2_sqrt).add_(spec.eps)
+                    p.sub_(m / denom * (lr / bc1))
+
+    return MindSporeBackend

@@ -1,0 +1,150 @@
+"""The MindSpore backend: real gradients, exactly the intended parameters, the compat corrections."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dualtune.backend import BackendError, get_backend
+from dualtune.optim import adamw_reference, clip_scale
+from dualtune.recipe import OptimSpec
+from helpers import RECIPES, changed, dualtune_cli, prepared, snapshot, steps_on_one_batch
+
+T5_METHODS = {
+    # method: (recipe, overrides, expected trainable parameter count for the tiny T5)
+    "prefix": ("t5_prefix.yaml", [], 20 * 2 * 2 * 32),          # tokens x decoder layers x (k, v) x d_model
+    "lora": ("t5_lora.yaml", [], 6 * 2 * (8 * 32 + 32 * 8)),    # (2 enc + 4 dec attention) x (q, v) x (A + B)
+    "bitfit": ("t5_bitfit.yaml", [], None),
+    "none": ("t5_lora.yaml", ["peft.method=none"], None),
+}
+
+
+def test_process_runs_mindtorch(ms):
+    import torch
+
+    assert "mindtorch" in torch.__file__
+    assert ms.name == "mindspore"
+
+
+def test_torch_after_mindspore_is_refused(ms):
+    with pytest.raises(BackendError) as err:
+        get_backend("torch")
+    assert str(err.value) == ("the mindspore backend is already active in this process; torch needs a "
+                              "process of its own (mindnlp takes over `import torch` for the whole process)")
+    with pytest.raises(BackendError, match="the torch backend cannot start: MindSpore"):
+        import dualtune.backends.torch  # noqa: F401
+
+
+@pytest.mark.parametrize("method", list(T5_METHODS))
+def test_t5_method_trains_exactly_its_parameters(ms, tiny_t5, fin_data, method):
+    recipe, extra, expected = T5_METHODS[method]
+    prep = prepared(ms, recipe, f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", *extra)
+    n_trainable = sum(prep.trainable.values())
+    if expected is not None:
+        assert n_trainable == expected
+    if method in ("prefix", "lora"):
+        assert prep.model.get_nb_trainable_parameters()[0] == n_trainable  # peft's own count
+    if method == "bitfit":
+        # zero biases on q,k,v,o (3 attention blocks x 2 layers) and wi, wo (2 x 2 ff blocks),
+        # plus the two relative_attention_bias tables (32 buckets x 4 heads)
+        attn = 3 * 2 * 4 * 32
+        ff = 2 * 2 * (64 + 32)
+        assert n_trainable == attn + ff + 2 * 32 * 4
+    if method == "none":
+        assert n_trainable == prep.total_params
+    before = snapshot(ms, prep.model)
+    losses = steps_on_one_batch(ms, prep, steps=4, lr=1e-2)
+    after = snapshot(ms, prep.model)
+    assert changed(before, after) == set(prep.trainable)
+    assert losses[-1] < losses[0] - 1e-3, f"loss did not fall on MindSpore: {losses}"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "bitfit", "none"])
+def test_classification_method_trains_exactly_its_parameters(ms, tiny_bert, fin_data, method):
+    prep = prepared(ms, "minilm_demo.yaml", f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
+                    f"peft.method={method}", "peft.lora.target_modules=[query,value]")
+    head = 32 * 3 + 3
+    n_trainable = sum(prep.trainable.values())
+    if method == "lora":
+        assert n_trainable == 2 * 2 * 8 * (32 + 32) + head
+    if method == "prefix":
+        assert n_trainable == 20 * 2 * 2 * 32 + head
+    if method in ("lora", "prefix"):
+        assert prep.model.get_nb_trainable_parameters()[0] == n_trainable
+    before = snapshot(ms, prep.model)
+    losses = steps_on_one_batch(ms, prep, steps=4, lr=1e-2)
+    assert changed(before, snapshot(ms, prep.model)) == set(prep.trainable)
+    assert losses[-1] < losses[0] - 1e-3, f"loss did not fall on MindSpore: {losses}"
+
+
+def test_adamw_update_matches_reference(ms):
+    import torch
+
+    spec = OptimSpec(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(3, 4)).astype(np.float32)
+    param = torch.nn.Parameter(torch.tensor(p0))
+    optimizer = ms.make_optimizer([param], spec)
+    ref_p, m, v = p0.astype(np.float64), np.zeros((3, 4)), np.zeros((3, 4))
+    for step, lr in enumerate([1e-2, 5e-3, 2e-3], 1):
+        g = rng.normal(size=(3, 4)).astype(np.float32)
+        grads, norm = ms.clip_grads([torch.tensor(g)], spec.grad_clip)
+        assert norm == pytest.approx(np.linalg.norm(g), rel=1e-6)
+        ms.apply_update(optimizer, grads, lr)
+        ref_p, m, v = adamw_reference(ref_p, g * clip_scale(norm, spec.grad_clip), m, v, step, lr, spec)
+        np.testing.assert_allclose(ms.to_numpy(param), ref_p, rtol=1e-5, atol=1e-7)
+
+
+def test_t5_bucket_correction(ms):
+    """Without compat.apply(), T5's buckets on MindSpore CPU differ at |rp| = 16, 32, 64."""
+    import torch
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from dualtune.backends.mindspore.compat import relative_position_bucket_np
+
+    rp = np.arange(-200, 201)
+    for bidirectional in (True, False):
+        truth = relative_position_bucket_np(rp, bidirectional, 32, 128)
+        got = T5Attention._relative_position_bucket(torch.tensor(rp), bidirectional, 32, 128)
+        np.testing.assert_array_equal(ms.to_numpy(got), truth)
+    # the float64 reference itself: exact integer logs land on the upper bucket
+    assert relative_position_bucket_np(np.array([16, 32, 64, -16]), True, 32, 128).tolist() == [26, 28, 30, 10]
+
+
+def test_hf_endpoint_left_as_the_user_had_it(tmp_path):
+    code = ("import os; from dualtune.backend import get_backend; "
+            "get_backend('mindspore'); import huggingface_hub.constants as c; "
+            "print(os.environ.get('HF_ENDPOINT'), c.ENDPOINT)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-2:] == ["None", "https://huggingface.co"]
+
+
+@pytest.mark.parametrize("recipe", ["t5_prefix.yaml", "t5_lora.yaml", "t5_bitfit.yaml"])
+def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data, recipe):
+    out = tmp_path / "run"
+    dualtune_cli("run", str(RECIPES / recipe), "--backend", "mindspore", f"model.name_or_path={tiny_t5}",
+                 f"data.source={fin_data}", "data.max_rows=80", "train.max_steps=6", "optim.lr=1e-2",
+                 "train.batch_size=4", "--output-dir", str(out))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter", "final_metrics.json", "metrics.jsonl", "predictions.jsonl", "recipe.yaml", "run.log",
+        "trainable.json"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["backend"] == "mindspore" and final["steps"] == 6
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [s["loss"] for s in steps if "loss" in s]
+    assert len(set(losses)) == len(losses), "a MindSpore loss that does not move is a bug"
+
+
+@pytest.mark.slow
+def test_offline_demo_beats_majority_on_mindspore(tmp_path):
+    out = tmp_path / "demo"
+    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", "--output-dir", str(out))
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["accuracy"] >= final["majority_class_accuracy"] + 0.15, final
