@@ -41,6 +41,10 @@ class Backend(ABC):
     @abstractmethod
     def to_numpy(self, tensor) -> np.ndarray: ...
 
+    def to_float(self, tensor) -> float:
+        """A scalar tensor as a Python float, exactly (mindtorch's float() rounds to 6 digits)."""
+        return float(self.to_numpy(tensor).item())
+
     # -- model
     @abstractmethod
     def load_tokenizer(self, model_spec): ...
@@ -59,6 +63,10 @@ class Backend(ABC):
 
     @abstractmethod
     def set_training(self, model, training: bool) -> None: ...
+
+    @abstractmethod
+    def disable_dropout(self, model) -> int:
+        """Dropout off everywhere (returns how many modules); for runs two backends must match."""
 
     # -- the training step: the loop calls these three in order
     @abstractmethod
@@ -91,6 +99,14 @@ class Backend(ABC):
     @abstractmethod
     def save(self, model, directory: str, peft_spec) -> None:
         """Adapters in Hugging Face PEFT format (full fine-tuning: the whole model)."""
+
+    @abstractmethod
+    def load_weights(self, model, directory: str, peft_spec) -> None:
+        """Overwrite the method's weights in ``model`` with those ``save`` wrote to ``directory``."""
+
+    @abstractmethod
+    def activations(self, model, batch: dict) -> dict[str, np.ndarray]:
+        """Each module's output on ``batch`` (eval mode), by module name, plus ``logits``."""
 
     @abstractmethod
     def load_trained(self, model_spec, label_names: Sequence[str], tokenizer, peft_spec, directory: str):

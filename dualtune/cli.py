@@ -48,6 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    ev = sub.add_parser("eval", help="evaluate a run directory on either backend",
+                        description="Evaluate RUN_DIR's adapter on its recipe's eval split, on either "
+                                    "backend (whichever trained it). Writes RUN_DIR/eval/BACKEND/.")
+    ev.add_argument("run_dir")
+    _backend_arg(ev)
+
+    cmp = sub.add_parser("compare", help="run a recipe on both backends and compare the numbers",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run RECIPE on torch and on MindSpore (separate processes) from the "
+                                     "same initial adapter with dropout off, then report per-step losses, "
+                                     "gradient norms and final metrics side by side against tolerances. "
+                                     "Exit status 0 only if every check passes.",
+                         epilog="writes OUT/report.txt, OUT/report.json, OUT/loss_curves.png and both runs")
+    cmp.add_argument("recipe")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value")
+    cmp.add_argument("--out", default=None, help="output directory (default: runs/compare-{recipe})")
+    cmp.add_argument("--steps", type=int, default=20, help="optimizer steps per backend (0: the whole recipe)")
+    cmp.add_argument("--layers", action="store_true",
+                     help="also compare every module's output on one batch, to find the first divergence")
+
     tiny = sub.add_parser("tiny", help="write a tiny random model + tokenizer for offline smoke runs",
                           description="Write a tiny, randomly initialised T5 or BERT and a word-level "
                                       "tokenizer built from the synthetic data, for tests and smoke "
@@ -98,6 +118,32 @@ def _cmd_tiny(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from dualtune.backend import get_backend
+    from dualtune.trainer import evaluate_run
+
+    if not (Path(args.run_dir) / "recipe.yaml").is_file():
+        raise BackendError(f"{args.run_dir}: not a run directory (no recipe.yaml)")
+    metrics, _ = evaluate_run(args.run_dir, get_backend(args.backend, args.device))
+    for k, v in metrics.items():
+        print(f"{k}: {v:.6g}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from dualtune.compare import compare, format_report
+
+    out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
+    try:
+        report = compare(args.recipe, args.overrides, out, steps=args.steps, layers=args.layers)
+    except RuntimeError as err:
+        print(f"dualtune: error: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"report: {out / 'report.txt'}  plot: {out / 'loss_curves.png'}")
+    return 0 if report["passed"] else 1
+
+
 def _cmd_synthetic(args) -> int:
     from dualtune import synthetic
     from dualtune.data import write_jsonl
@@ -111,18 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`run R --backend ms a=1`): collect the strays.
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "run"]
+    # The rest are overrides, checked like the others (`justtext` gets the one-line override error).
+    stray = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides += extra
     _setup_logging(args.verbose)
-    commands = {"run": _cmd_run, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
+    commands = {"run": _cmd_run, "eval": _cmd_eval, "compare": _cmd_compare, "tiny": _cmd_tiny,
+                "synthetic-data": _cmd_synthetic}
     try:
         return commands[args.command](args)
     except (RecipeError, DataError, BackendError) as err:
         print(f"dualtune: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the loop's "loss is nan at step N; lower optim.lr ..."
+        print(f"dualtune: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dualtune: interrupted", file=sys.stderr)
         return 130

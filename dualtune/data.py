@@ -57,7 +57,10 @@ def _parse_sentence_at_label(raw: bytes, origin: str) -> list[dict]:
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n, \r\n or \r only, as when reading the file in text mode: str.splitlines()
+    # would also split at \x85, \x0b, \x0c, \x1c-\x1e, which latin-1 text can hold inside a sentence.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         sentence, sep, label = line.rpartition("@")

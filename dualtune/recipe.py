@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,7 +20,8 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never meant (optim.lr=inf would pass gt=0 and train to nan).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -68,6 +69,9 @@ class BitFitSpec(_Strict):
 
 class PeftSpec(_Strict):
     method: Literal["prefix", "lora", "bitfit", "none"]
+    # Start from these adapter weights (a saved adapter directory, e.g. another run's
+    # adapter_init/) instead of a fresh random initialisation: how two backends start equal.
+    init_from: Optional[str] = None
     prefix: PrefixSpec = PrefixSpec()
     lora: LoraSpec = LoraSpec()
     bitfit: BitFitSpec = BitFitSpec()
@@ -100,11 +104,15 @@ class TrainSpec(_Strict):
     max_steps: Optional[int] = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
     batch_size: int = Field(default=8, ge=1)
     eval_batch_size: Optional[int] = Field(default=None, ge=1)
-    eval_every: Union[Literal["epoch"], int] = "epoch"  # "epoch" or every N optimizer steps
+    # "epoch" or every N optimizer steps (N >= 1: 0 would silently never evaluate)
+    eval_every: Union[Literal["epoch"], Annotated[int, Field(ge=1)]] = "epoch"
     seed: int = 42
     output_dir: str = "runs/{recipe}-{backend}"
     log_every: int = Field(default=1, ge=1)
     generate: bool = True  # seq2seq: also evaluate by generating label text
+    dropout: bool = True   # false: every dropout off (backends cannot share dropout masks)
+    save_initial: bool = False       # also write adapter_init/: the weights before step 1
+    dump_activations: bool = False   # write activations.safetensors: module outputs on one batch
 
 
 class Recipe(_Strict):
@@ -135,21 +143,42 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"])
+def _user_path(loc: tuple, raw: Any) -> tuple:
+    """``loc`` without the tags pydantic appends for the members of a union (``literal['epoch']``,
+    ``int``): the longest prefix that names something in the raw input."""
+    node, keep = raw, 0
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            break
+        keep += 1
+    return loc[:keep]
+
+
+def _expected(msg: str) -> str:
+    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+
+
+def _format_error(err: ValidationError, raw: Any) -> str:
+    errors = err.errors()
+    first = errors[0]
     kind = first["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    if kind in ("extra_forbidden", "missing"):
+        path = ".".join(str(p) for p in first["loc"])
+        return f"{path}: {'unknown key' if kind == 'extra_forbidden' else 'required key is missing'}"
+    loc = _user_path(first["loc"], raw)
+    path = ".".join(str(p) for p in loc)
     where = f"{path}: " if path else ""
     if "input" in first and kind != "value_error":
-        return f"{where}got {_describe(first['input'])}, expected {msg[0].lower()}{msg[1:]}"
-    return f"{where}{msg}"
+        # A union reports one error per member, all at the same user path: say what each accepts.
+        alternatives = [_expected(e["msg"]) for e in errors
+                        if e["type"] not in ("extra_forbidden", "missing") and _user_path(e["loc"], raw) == loc]
+        return f"{where}got {_describe(first['input'])}, expected {' or '.join(alternatives)}"
+    return f"{where}{_expected(first['msg'])}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -157,7 +186,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
     # YAML 1.1 reads 3e-4 as a string; a number is what anyone typing it means.
     if isinstance(value, str):
         try:
@@ -187,7 +219,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_format_error(err)) from None
+        raise RecipeError(_format_error(err, raw)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

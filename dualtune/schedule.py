@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dualtune.recipe import ScheduleSpec
 
 
@@ -9,7 +11,8 @@ def warmup_steps(spec: ScheduleSpec, total_steps: int) -> int:
     if spec.warmup_steps is not None:
         return spec.warmup_steps
     if spec.warmup_ratio is not None:
-        return int(spec.warmup_ratio * total_steps)  # HF's get_linear_schedule_with_warmup rounds down too
+        # As transformers' TrainingArguments.get_warmup_steps: rounded up, same operand order.
+        return math.ceil(total_steps * spec.warmup_ratio)
     return 0
 
 

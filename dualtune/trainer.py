@@ -39,18 +39,29 @@ class Prepared:
     total_params: int = 0
 
 
-def prepare(recipe: Recipe, backend: Backend) -> Prepared:
+def prepare_data(recipe: Recipe, backend: Backend):
+    """(tokenizer, label names, encoded train split, encoded eval split)."""
     tokenizer = backend.load_tokenizer(recipe.model)
     rows = datamap.load_rows(recipe.data)
     train_rows, eval_rows = datamap.split_rows(rows, recipe.data.train_split, recipe.data.seed)
     task = recipe.model.task
-    enc_train = datamap.encode(train_rows, tokenizer, recipe.data, task)
-    enc_eval = datamap.encode(eval_rows, tokenizer, recipe.data, task)
+    return (tokenizer, rows.label_names, datamap.encode(train_rows, tokenizer, recipe.data, task),
+            datamap.encode(eval_rows, tokenizer, recipe.data, task))
+
+
+def prepare(recipe: Recipe, backend: Backend) -> Prepared:
+    tokenizer, label_names, enc_train, enc_eval = prepare_data(recipe, backend)
+    task = recipe.model.task
     backend.seed(recipe.train.seed)
-    model = backend.load_model(recipe.model, rows.label_names, tokenizer)
+    model = backend.load_model(recipe.model, label_names, tokenizer)
     model = backend.apply_peft(model, recipe.peft, task, recipe.train.seed)
+    if recipe.peft.init_from:
+        backend.load_weights(model, recipe.peft.init_from, recipe.peft)
+        log.info("adapter initialised from %s", recipe.peft.init_from)
+    if not recipe.train.dropout:
+        log.info("dropout off in %d modules", backend.disable_dropout(model))
     named = backend.trainable_parameters(model)
-    prepared = Prepared(recipe, tokenizer, rows.label_names, enc_train, enc_eval, model,
+    prepared = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model,
                         [p for _, p in named], {n: int(p.numel()) for n, p in named},
                         backend.parameter_count(model))
     _report_trainable(prepared)
@@ -156,7 +167,7 @@ def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress:
             grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
             backend.apply_update(optimizer, grads, lr)
             step += 1
-            loss = float(loss)
+            loss = backend.to_float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower optim.lr or set optim.grad_clip")
             record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
@@ -182,6 +193,19 @@ def _evaluate_and_checkpoint(backend, prep, run, step, epoch) -> None:
         backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
 
 
+def _dump_activations(backend: Backend, prep: Prepared, path: Path) -> None:
+    """Module outputs on the first two training examples (dataset order), for ``compare --layers``."""
+    from safetensors.numpy import save_file
+
+    r = prep.recipe
+    np_batch = next(datamap.batches(prep.train, 2, prep.tokenizer.pad_token_id, r.data, r.model.task))
+    backend.set_training(prep.model, False)
+    acts = backend.activations(prep.model, backend.to_tensors(np_batch))
+    backend.set_training(prep.model, True)
+    save_file({k: np.ascontiguousarray(v) for k, v in acts.items()}, str(path),
+              metadata={"order": json.dumps(list(acts))})  # execution order, for the first divergence
+
+
 def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progress: bool = True) -> Path:
     """Train, evaluate and write the run directory; returns its final path."""
     output_dir = Path(output_dir)
@@ -192,6 +216,10 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
         try:
             write_atomic(run.path / "recipe.yaml", recipe.to_yaml())
             prep = prepare(recipe, backend)
+            if recipe.train.save_initial:
+                backend.save(prep.model, run.path / "adapter_init", recipe.peft)
+            if recipe.train.dump_activations:
+                _dump_activations(backend, prep, run.path / "activations.safetensors")
             write_json(run.path / "trainable.json", {"method": recipe.peft.method, "total": prep.total_params,
                                                      "trainable": sum(prep.trainable.values()),
                                                      "tensors": prep.trainable})
@@ -213,3 +241,19 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
             logging.getLogger("dualtune").removeHandler(handler)
             handler.close()
     return output_dir
+
+
+def evaluate_run(run_dir: str | Path, backend: Backend) -> tuple[dict, list[dict]]:
+    """Evaluate a finished run directory's adapter on ``backend`` (whichever trained it)."""
+    from dualtune.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer, label_names, enc_train, enc_eval = prepare_data(recipe, backend)
+    model = backend.load_trained(recipe.model, label_names, tokenizer, recipe.peft, run_dir / "adapter")
+    prep = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model, [])
+    metrics, predictions = evaluate(backend, prep)
+    out = run_dir / "eval" / backend.name
+    write_json(out / "metrics.json", {"backend": backend.name, "device": backend.device, **metrics})
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    return metrics, predictions

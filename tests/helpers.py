@@ -50,7 +50,7 @@ def steps_on_one_batch(backend, prep, steps: int, lr: float) -> list[float]:
         loss, grads = backend.value_and_grad(prep.model, prep.params, batch)
         grads, _ = backend.clip_grads(grads, None)
         backend.apply_update(optimizer, grads, lr)
-        losses.append(float(loss))
+        losses.append(backend.to_float(loss))
     return losses
 
 

@@ -151,7 +151,7 @@ class HFBackend(Backend):
     def eval_batch(self, model, batch):
         with torch.no_grad():
             out = self._forward(model, batch)
-        return float(out.loss), self.to_numpy(out.logits)
+        return self.to_float(out.loss), self.to_numpy(out.logits)
 
     def generate(self, model, batch, max_new_tokens):
         with torch.no_grad():
@@ -179,6 +179,33 @@ class HFBackend(Backend):
         else:
             model.save_pretrained(directory)
 
+    def load_weights(self, model, directory, peft_spec) -> None:
+        """Overwrite ``model``'s adapter (or, for full fine-tuning, all) weights with those saved by
+        ``save`` in ``directory``. The model must already carry the method (``apply_peft``)."""
+        directory = Path(directory)
+        weights = directory / ("model.safetensors" if peft_spec.method == "none" else BITFIT_WEIGHTS)
+        if not weights.is_file():
+            raise BackendError(f"{directory}: no {weights.name} (not a saved {peft_spec.method} adapter)")
+        saved = load_numpy(str(weights))
+        if peft_spec.method in ("prefix", "lora"):
+            from peft import set_peft_model_state_dict
+
+            # Not PeftModel.from_pretrained(is_trainable=True): peft refuses that for prefix tuning.
+            result = set_peft_model_state_dict(
+                model, {k: torch.tensor(v, device=self.torch_device) for k, v in saved.items()})
+            # peft loads prompt_embeddings itself, then still lists the key as unexpected.
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if k != "prompt_embeddings"]
+            if unexpected:
+                raise BackendError(f"{directory}: tensors {unexpected[:3]} do not fit this model")
+            return
+        params = dict(model.named_parameters())
+        unknown = sorted(set(saved) - set(params))
+        if unknown:
+            raise BackendError(f"{directory}: tensors {unknown[:3]} do not exist in this model")
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(torch.tensor(value, device=params[name].device))
+
     def load_trained(self, model_spec, label_names, tokenizer, peft_spec, directory):
         directory = str(directory)
         if peft_spec.method == "none":
@@ -188,18 +215,47 @@ class HFBackend(Backend):
         if peft_spec.method in ("prefix", "lora"):
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(model, directory)
+            return PeftModel.from_pretrained(model, directory).to(self.torch_device)
         config = json.loads((Path(directory) / BITFIT_CONFIG).read_text())
         add_zero_biases(model, config["add_bias_to"])
-        saved = load_numpy(os.path.join(directory, BITFIT_WEIGHTS))
-        params = dict(model.named_parameters())
-        missing = sorted(set(saved) - set(params))
-        if missing:
-            raise BackendError(f"{directory}: tensors {missing[:3]} do not exist in {model_spec.name_or_path}")
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(torch.tensor(value, device=params[name].device))
+        self.load_weights(model, directory, peft_spec)
         return model.to(self.torch_device)
+
+    def disable_dropout(self, model) -> int:
+        """Set every dropout probability to 0: Dropout modules, and the float attributes attention
+        layers pass to functional dropout (T5Attention.dropout, BERT's dropout_prob, ...)."""
+        count = 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+                count += 1
+            for key, value in vars(module).items():
+                if "dropout" in key and isinstance(value, float) and value > 0:
+                    setattr(module, key, 0.0)
+                    count += 1
+        return count
+
+    def activations(self, model, batch) -> dict[str, np.ndarray]:
+        """Every module's output (the first tensor of it) on ``batch``, in eval mode."""
+        outputs, handles = {}, []
+
+        def hook(name):
+            def record(module, args, out):
+                t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    outputs[name] = self.to_numpy(t).copy()
+            return record
+
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(hook(name)))
+        try:
+            _, logits = self.eval_batch(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        outputs["logits"] = logits
+        return outputs
 
     # -- tiny models for tests and smoke runs
     def save_tiny_model(self, kind: str, directory: str, vocab_texts: Sequence[str], seed: int = 0) -> None:
