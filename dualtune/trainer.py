@@ -76,12 +76,16 @@ def _report_trainable(prep: Prepared) -> None:
     for name, count in prep.trainable.items():
         log.debug("  trains %s (%d)", name, count)
     if prep.recipe.peft.method == "bitfit":
-        biases = sum(c for n, c in prep.trainable.items()
-                     if any(s in n for s in prep.recipe.peft.bitfit.patterns))
+        # Real biases are named *.bias; T5's relative_attention_bias.weight matches "bias" but is a table.
+        biases = sum(c for n, c in prep.trainable.items() if n.endswith(".bias") and not _is_head_name(n))
         if biases / max(1, prep.total_params) < BITFIT_TOO_FEW:
             log.warning("BitFit found almost nothing to train: %d bias parameters (%.5f %% of the model). "
                         "Bias-free models such as T5 need peft.bitfit.add_bias_to=[q,k,v,o,wi,wo] to add "
                         "zero-initialised biases", biases, 100 * biases / max(1, prep.total_params))
+
+
+def _is_head_name(name: str) -> bool:
+    return any(part in ("classifier", "score") for part in name.split("."))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -115,17 +119,21 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
             labels = np_batch["labels"]
             argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
             forced = _decode(tok, argmax)
+            # Correct only if every label token (eos included) is the argmax: decoding alone would
+            # pass [pad, positive] for [positive, </s>].
+            token_exact = ((argmax == labels) | (labels == -100)).all(-1)
             generated = _decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
                 if generate else [None] * n
-            for g, f, gen in zip(gold, forced, generated):
-                predictions.append({"label": prep.label_names[g], "teacher_forced": f, "generated": gen})
+            for g, f, ok, gen in zip(gold, forced, token_exact, generated):
+                predictions.append({"label": prep.label_names[g], "teacher_forced": f,
+                                    "teacher_forced_correct": bool(ok), "generated": gen})
         start += n
     backend.set_training(prep.model, True)
     metrics = {"eval_loss": total_loss / max(1, seen)}
     if task == "classification":
         metrics["accuracy"] = float(np.mean([p["pred"] == p["label"] for p in predictions]))
     else:
-        metrics["teacher_forced_accuracy"] = float(np.mean([p["teacher_forced"] == p["label"] for p in predictions]))
+        metrics["teacher_forced_accuracy"] = float(np.mean([p["teacher_forced_correct"] for p in predictions]))
         if generate:
             metrics["exact_match"] = float(np.mean([p["generated"] == p["label"] for p in predictions]))
     majority = Counter(prep.train.labels).most_common(1)[0][0]
@@ -237,6 +245,9 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
                      "total_parameters": prep.total_params, **metrics}
             write_json(run.path / "final_metrics.json", final)
             log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        except BaseException as err:
+            log.error("run failed: %s: %s", type(err).__name__, err)  # into run.log of the .failed dir
+            raise
         finally:
             logging.getLogger("dualtune").removeHandler(handler)
             handler.close()

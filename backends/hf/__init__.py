@@ -38,7 +38,7 @@ def _task_type(task: str):
     return TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.SEQ_CLS
 
 
-def peft_config(peft_spec, task: str, model_config=None):
+def peft_config(peft_spec, task: str):
     """The peft config object for a prefix or LoRA spec."""
     from peft import LoraConfig, PrefixTuningConfig
 
@@ -126,7 +126,7 @@ class HFBackend(Backend):
         if method in ("prefix", "lora"):
             from peft import get_peft_model
 
-            return get_peft_model(model, peft_config(peft_spec, task, model.config))
+            return get_peft_model(model, peft_config(peft_spec, task))
         if method == "bitfit":
             added = add_zero_biases(model, peft_spec.bitfit.add_bias_to)
             model._dualtune_added_biases = added
@@ -198,7 +198,8 @@ class HFBackend(Backend):
             if unexpected:
                 raise BackendError(f"{directory}: tensors {unexpected[:3]} do not fit this model")
             return
-        params = dict(model.named_parameters())
+        # Tied weights (T5's shared/lm_head) are saved under either name.
+        params = dict(model.named_parameters(remove_duplicate=False))
         unknown = sorted(set(saved) - set(params))
         if unknown:
             raise BackendError(f"{directory}: tensors {unknown[:3]} do not exist in this model")

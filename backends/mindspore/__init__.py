@@ -42,7 +42,9 @@ def create(device: str = "cpu"):
     activate(device)
     from dualtune.backends.mindspore import compat
 
-    compat.apply()
+    # DUALTUNE_MINDSPORE_COMPAT=0 runs mindtorch as it is: to see what a correction is worth.
+    if os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") != "0":
+        compat.apply()
     return _backend_class()(device)
 
 

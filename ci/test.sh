@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything (ci/install.sh), then runs the test suites: the torch suite, then the
+# MindSpore suite in a process of its own (mindnlp takes over `import torch` process-wide).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash ci/install.sh || exit 1
+export GLOG_v=3 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+reports=$(mktemp -d)
+status=0
+.venv/bin/python -m pytest tests --ignore=tests/mindspore -q -p no:cacheprovider --junitxml "$reports/torch.xml" "$@" || status=1
+.venv/bin/python -m pytest tests/mindspore -q -p no:cacheprovider --junitxml "$reports/mindspore.xml" "$@" || status=1
+.venv/bin/python - "$reports" <<'PY'
+import sys, pathlib, xml.etree.ElementTree as ET
+total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.xml")):
+    suite = ET.parse(f).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    for k in total:
+        total[k] += int(suite.get(k, 0))
+failed = total["failures"] + total["errors"]
+print(f"all suites: {total['tests'] - failed - total['skipped']} passed, {failed} failed, {total['skipped']} skipped")
+PY
+exit $status

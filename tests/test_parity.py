@@ -1,0 +1,131 @@
+"""Cross-backend parity in numbers: `dualtune compare` on tiny models, and adapters that move.
+
+Both backends run as child processes (one backend per process), so this file runs in the torch
+suite. Tolerances are the product's promise (fp32, CPU):
+  at initialisation: loss relative difference <= 1e-6, logits max abs difference <= 1e-5;
+  20 AdamW steps at the recipe's learning rate: per-step loss relative difference <= 1e-3;
+  cross-loaded adapters: identical predictions, logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dualtune.compare import TOLERANCES
+from helpers import RECIPES, dualtune_cli
+
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "t5_prefix": ("t5_prefix.yaml", []),
+    "t5_lora": ("t5_lora.yaml", []),
+    "t5_bitfit": ("t5_bitfit.yaml", []),
+    "bert_lora": ("minilm_demo.yaml", ["peft.method=lora"]),
+    "bert_prefix": ("minilm_demo.yaml", ["peft.method=prefix", "optim.lr=1e-2"]),
+    "bert_bitfit": ("minilm_demo.yaml", ["peft.method=bitfit", "optim.lr=1e-3"]),
+}
+
+
+def _compare(out: Path, recipe: str, overrides: list[str], steps: int = 20, env=None) -> dict:
+    proc = dualtune_cli("compare", str(RECIPES / recipe), *overrides, "--out", str(out), "--steps", str(steps),
+                        env=env, check=False)
+    report = json.loads((out / "report.json").read_text())
+    assert (proc.returncode == 0) == report["passed"]
+    return report
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_t5, tiny_bert, fin_data):
+    """Run every case once; tests below read the reports and run directories."""
+    root = tmp_path_factory.mktemp("compare")
+    results = {}
+    for name, (recipe, extra) in CASES.items():
+        model = tiny_t5 if name.startswith("t5") else tiny_bert
+        overrides = [f"model.name_or_path={model}", f"data.source={fin_data}", "data.max_rows=120",
+                     "train.epochs=10", *extra]  # >= 20 steps for every case
+        results[name] = (root / name, _compare(root / name, recipe, overrides))
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compare_within_tolerances(compared, case):
+    out, report = compared[case]
+    checks = report["checks"]
+    assert checks["init_loss_rel"]["value"] <= TOLERANCES["init_loss_rel"] == 1e-6
+    assert checks["init_logits_abs"]["value"] <= TOLERANCES["init_logits_abs"] == 1e-5
+    assert checks["step_loss_rel"]["value"] <= TOLERANCES["step_loss_rel"] == 1e-3
+    assert len(report["steps"]) == 20
+    assert report["passed"]
+    # the run really trained on both sides: a flat MindSpore loss is a bug
+    losses = [s["loss_mindspore"] for s in report["steps"]]
+    assert len(set(losses)) > 15
+    assert (out / "loss_curves.png").stat().st_size > 1000
+
+
+def test_t5_bucket_correction_is_what_makes_parity(tmp_path, tiny_t5, fin_data):
+    """Without backends/mindspore/compat.py the tiny T5 already disagrees at initialisation."""
+    env = {**os.environ, "DUALTUNE_MINDSPORE_COMPAT": "0"}
+    report = _compare(tmp_path / "nocompat", "t5_lora.yaml",
+                      [f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", "data.max_rows=120"],
+                      steps=1, env=env)
+    assert not report["passed"]
+    assert report["checks"]["init_logits_abs"]["value"] > 10 * TOLERANCES["init_logits_abs"]
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", ["t5_lora", "t5_prefix", "bert_lora", "bert_prefix"])
+def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from dualtune.backend import get_backend
+    from dualtune.recipe import load_recipe
+    from dualtune.trainer import Prepared, evaluate, prepare_data
+
+    out, _ = compared[case]
+    run = out / "mindspore"
+    recipe = load_recipe(run / "recipe.yaml")
+    backend = get_backend("torch")
+    tokenizer, names, enc_train, enc_eval = prepare_data(recipe, backend)
+    if recipe.model.task == "seq2seq":
+        base = transformers.AutoModelForSeq2SeqLM.from_pretrained(recipe.model.name_or_path)
+    else:
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            recipe.model.name_or_path, num_labels=len(names))
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))  # plain peft, nothing of dualtune
+    assert isinstance(model.base_model, torch.nn.Module)
+    metrics, preds = evaluate(backend, Prepared(recipe, tokenizer, names, enc_train, enc_eval, model, []))
+    saved = _predictions(run / "predictions.jsonl")
+    assert len(preds) == len(saved) > 0
+    if recipe.model.task == "seq2seq":
+        assert [p["teacher_forced"] for p in preds] == [p["teacher_forced"] for p in saved]
+        assert [p["generated"] for p in preds] == [p["generated"] for p in saved]
+    else:
+        assert [p["pred"] for p in preds] == [p["pred"] for p in saved]
+        diff = np.abs(np.array([p["logits"] for p in preds]) - np.array([p["logits"] for p in saved])).max()
+        assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["t5_lora", "t5_bitfit", "bert_prefix", "bert_bitfit"])
+def test_torch_adapter_evaluates_the_same_on_mindspore(compared, case):
+    out, _ = compared[case]
+    dualtune_cli("eval", str(out / "torch"), "--backend", "mindspore")
+    got = _predictions(out / "torch" / "eval" / "mindspore" / "predictions.jsonl")
+    saved = _predictions(out / "torch" / "predictions.jsonl")
+    assert len(got) == len(saved) > 0
+    key = "pred" if "pred" in saved[0] else "generated"
+    assert [p[key] for p in got] == [p[key] for p in saved]
+    if key == "pred":
+        diff = np.abs(np.array([p["logits"] for p in got]) - np.array([p["logits"] for p in saved])).max()
+        assert diff <= 1e-4
+    else:
+        assert [p["teacher_forced"] for p in got] == [p["teacher_forced"] for p in saved]
