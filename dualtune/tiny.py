@@ -14,12 +14,12 @@ SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
+    return re.findall(r"\w+|[^\w\s]+", text.lower())  # tokenizers' Whitespace pre-tokenizer
 
 
 def tiny_tokenizer(texts: Sequence[str]):
     """A fast tokenizer over the words of ``texts`` that appends ``</s>`` like T5's."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
@@ -28,11 +28,9 @@ def tiny_tokenizer(texts: Sequence[str]):
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Split(r"\w+|[^\w\s]", behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # the same split as words()
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 

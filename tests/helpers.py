@@ -55,4 +55,21 @@ def steps_on_one_batch(backend, prep, steps: int, lr: float) -> list[float]:
 
 
 def changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
     return {n for n in before if not np.array_equal(before[n], after[n])}
+
+
+def is_key_bias(name: str) -> bool:
+    # Adding a constant to every key shifts each query's attention scores by one constant, which
+    # softmax ignores: the key bias has an exactly-zero gradient in exact arithmetic (round-off only),
+    # so it is trainable but is not required to move.
+    return name.endswith((".k.bias", ".key.bias"))
+
+
+def assert_moved_exactly(before: dict, after: dict, trainable) -> None:
+    """Every trainable tensor moved (key biases may not: see is_key_bias) and nothing else did."""
+    moved, trainable = changed(before, after), set(trainable)
+    assert trainable, "nothing to train"
+    assert moved - trainable == set(), f"frozen tensors changed: {sorted(moved - trainable)[:5]}"
+    must_move = {n for n in trainable if not is_key_bias(n)}
+    assert must_move - moved == set(), f"trainable tensors did not change: {sorted(must_move - moved)[:5]}"

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
+from helpers import RECIPES, REPO  # noqa: F401  (re-exported)
 
 # The machine has 2 cores and other work runs beside the tests: with more than one OpenMP thread per
 # process, torch's small matmuls spin-wait on each other (a 69-step tiny-T5 run took 48 s instead of
@@ -40,18 +39,6 @@ def run_cli_parallel(jobs: dict[str, list[str]]) -> dict[str, subprocess.Complet
         out, err = proc.communicate(timeout=600)
         done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return done
-
-
-def snapshot(model) -> dict:
-    """Every named parameter's value (a detached copy)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def changed(before: dict, after: dict) -> set[str]:
-    import torch
-
-    assert before.keys() == after.keys()
-    return {n for n in before if not torch.equal(before[n], after[n])}
 
 
 def teacher_forced_strings(tokenizer, logits, labels, pad_id: int) -> list[str]:

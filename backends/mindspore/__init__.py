@@ -8,10 +8,13 @@ is written here with ops that exist on CPU and Ascend.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 from dualtune.backend import BackendError, torch_flavour
+
+log = logging.getLogger("dualtune")
 
 # --device -> (MindSpore device target, mindtorch device name)
 DEVICES = {"cpu": ("CPU", "cpu"), "ascend": ("Ascend", "npu"), "gpu": ("GPU", "cuda")}
@@ -44,7 +47,9 @@ def create(device: str = "cpu"):
 
     # DUALTUNE_MINDSPORE_COMPAT=0 runs mindtorch as it is: to see what a correction is worth.
     if os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") != "0":
-        compat.apply()
+        log.info("mindtorch corrections: %s", ", ".join(compat.apply()) or "none needed")
+    else:
+        log.warning("mindtorch corrections OFF (DUALTUNE_MINDSPORE_COMPAT=0): numbers may differ from torch")
     return _backend_class()(device)
 
 

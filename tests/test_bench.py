@@ -1,0 +1,68 @@
+"""benchmarks/bench.py runs end to end on a tiny model and reports what it says it reports.
+
+No timing assertions: the numbers are only checked for being there, positive, and consistent.
+Every side runs in a child process of the benchmark, so the MindSpore case can live in the torch
+suite (this process never imports mindnlp).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from helpers import RECIPES, REPO
+
+BENCH = REPO / "benchmarks" / "bench.py"
+METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
+SIDE_FIELDS = METRICS + ("train_steps", "train_seconds", "train_tokens", "step_seconds", "eval_samples",
+                         "eval_seconds", "first_loss", "last_loss", "trainable_parameters",
+                         "total_parameters", "wall_seconds", "what")
+
+
+def run_bench(backend: str, model: str, out) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--backend", backend, "--steps", "2",
+         "--eval-batches", "1", "--model", model, "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert "ratio d/r" in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
+    return json.loads(out.read_text())
+
+
+def check_report(report: dict, backend: str) -> None:
+    assert report["backend"] == backend
+    assert (report["steps"], report["eval_batches"], report["batch_size"]) == (2, 1, 8)
+    assert report["padding"] == "max_length" and report["max_length"] == 128
+    for side in ("dualtune", "reference"):
+        got = report[side]
+        assert set(SIDE_FIELDS) <= set(got), f"{side} lacks {sorted(set(SIDE_FIELDS) - set(got))}"
+        for key in METRICS + ("train_seconds", "train_tokens", "eval_samples", "eval_seconds"):
+            assert isinstance(got[key], (int, float)) and math.isfinite(got[key]) and got[key] > 0, (side, key, got[key])
+        assert got["train_steps"] == 2 and len(got["step_seconds"]) == 2
+        assert got["eval_samples"] == 8
+        assert math.isfinite(got["first_loss"]) and math.isfinite(got["last_loss"])
+        assert got["steps_per_s"] == pytest.approx(got["train_steps"] / got["train_seconds"])
+        assert got["tokens_per_s"] == pytest.approx(got["train_tokens"] / got["train_seconds"])
+    # Same model, same method: the same number of trainable and total parameters on both sides.
+    assert report["dualtune"]["trainable_parameters"] == report["reference"]["trainable_parameters"] > 0
+    assert report["dualtune"]["total_parameters"] == report["reference"]["total_parameters"]
+    assert set(report["ratios"]) == set(METRICS)
+    for key in METRICS:
+        assert report["ratios"][key] == pytest.approx(report["dualtune"][key] / report["reference"][key], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_bench_torch(tiny_t5, tmp_path):
+    check_report(run_bench("torch", tiny_t5, tmp_path / "bench-torch.json"), "torch")
+
+
+@pytest.mark.slow
+@pytest.mark.mindspore
+@pytest.mark.skipif(importlib.util.find_spec("mindnlp") is None, reason="mindnlp is not installed")
+def test_bench_mindspore(tiny_t5, tmp_path):
+    check_report(run_bench("mindspore", tiny_t5, tmp_path / "bench-mindspore.json"), "mindspore")
