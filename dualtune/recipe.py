@@ -67,6 +67,15 @@ class BitFitSpec(_Strict):
     add_bias_to: list[str] = []
 
 
+# A classification head trains with every method (peft does the same through modules_to_save):
+# a fresh head is random and must learn.
+HEAD_NAMES = ("classifier", "score")
+
+
+def is_head_parameter(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
 class PeftSpec(_Strict):
     method: Literal["prefix", "lora", "bitfit", "none"]
     # Start from these adapter weights (a saved adapter directory, e.g. another run's

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dualtune import data as datamap
 from dualtune.backend import Backend
-from dualtune.recipe import Recipe
+from dualtune.recipe import Recipe, is_head_parameter
 from dualtune.rundir import RunDir, write_atomic, write_json
 from dualtune.schedule import lr_at
 
@@ -77,15 +77,11 @@ def _report_trainable(prep: Prepared) -> None:
         log.debug("  trains %s (%d)", name, count)
     if prep.recipe.peft.method == "bitfit":
         # Real biases are named *.bias; T5's relative_attention_bias.weight matches "bias" but is a table.
-        biases = sum(c for n, c in prep.trainable.items() if n.endswith(".bias") and not _is_head_name(n))
+        biases = sum(c for n, c in prep.trainable.items() if n.endswith(".bias") and not is_head_parameter(n))
         if biases / max(1, prep.total_params) < BITFIT_TOO_FEW:
             log.warning("BitFit found almost nothing to train: %d bias parameters (%.5f %% of the model). "
                         "Bias-free models such as T5 need peft.bitfit.add_bias_to=[q,k,v,o,wi,wo] to add "
                         "zero-initialised biases", biases, 100 * biases / max(1, prep.total_params))
-
-
-def _is_head_name(name: str) -> bool:
-    return any(part in ("classifier", "score") for part in name.split("."))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -139,10 +135,6 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
     majority = Counter(prep.train.labels).most_common(1)[0][0]
     metrics["majority_class_accuracy"] = float(np.mean([l == majority for l in prep.eval.labels]))
     return metrics, predictions
-
-
-def main_metric(task: str) -> str:
-    return "accuracy" if task == "classification" else "teacher_forced_accuracy"
 
 
 # ---------------------------------------------------------------- training

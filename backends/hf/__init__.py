@@ -22,12 +22,10 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 
 from dualtune.backend import Backend, BackendError
 from dualtune.hub import model_not_found, resolve_model_path
+from dualtune.recipe import is_head_parameter
 
 log = logging.getLogger("dualtune")
 
-# Parameters of a classification head train with every method (peft does the same through
-# modules_to_save): a fresh head is random and must learn.
-HEAD_NAMES = ("classifier", "score")
 BITFIT_CONFIG = "adapter_config.json"
 BITFIT_WEIGHTS = "adapter_model.safetensors"
 
@@ -65,10 +63,6 @@ def add_zero_biases(model, suffixes: Sequence[str]) -> list[str]:
             module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
             added.append(name)
     return added
-
-
-def _is_head(name: str) -> bool:
-    return any(name == h or name.startswith(h + ".") or f".{h}." in name for h in HEAD_NAMES)
 
 
 class HFBackend(Backend):
@@ -131,7 +125,7 @@ class HFBackend(Backend):
             added = add_zero_biases(model, peft_spec.bitfit.add_bias_to)
             model._dualtune_added_biases = added
             for name, p in model.named_parameters():
-                p.requires_grad = _is_head(name) or any(s in name for s in peft_spec.bitfit.patterns)
+                p.requires_grad = is_head_parameter(name) or any(s in name for s in peft_spec.bitfit.patterns)
             model.to(self.torch_device)
         return model
 
