@@ -276,7 +276,7 @@ def reference_collator(recipe, tok):
     return DataCollatorWithPadding(tok)
 
 
-def reference_model(recipe, path, label_names, torch_device):
+def reference_model(recipe, path, label_names, pad_token_id, torch_device):
     """HF model + peft, as a notebook builds it (seeded as dualtune seeds the adapter init)."""
     import torch
     import transformers
@@ -290,7 +290,7 @@ def reference_model(recipe, path, label_names, torch_device):
             path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)})
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = 0
+        model.config.pad_token_id = pad_token_id
     model.to(torch_device)
     torch.manual_seed(recipe.train.seed)
     spec = recipe.peft
@@ -369,7 +369,7 @@ def child_reference_torch(cfg: dict) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(path)
     train_feats, eval_feats, label_names = reference_data(recipe, tok)
     collator = reference_collator(recipe, tok)
-    model = reference_model(recipe, path, label_names, "cpu")
+    model = reference_model(recipe, path, label_names, tok.pad_token_id, "cpu")
     rss = {"setup": peak_rss_mb()}
     total = cfg["steps"] + WARMUP_STEPS
     seq2seq = recipe.model.task == "seq2seq"
@@ -440,7 +440,7 @@ def child_reference_mindspore(cfg: dict) -> dict:
     train_feats, eval_feats, label_names = reference_data(recipe, tok)
     collator = reference_collator(recipe, tok)
     mindspore.set_seed(recipe.train.seed)
-    model = reference_model(recipe, path, label_names, "cpu")
+    model = reference_model(recipe, path, label_names, tok.pad_token_id, "cpu")
     rss = {"setup": peak_rss_mb()}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
