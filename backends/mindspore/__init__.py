@@ -3,7 +3,7 @@
 ``import mindnlp`` makes every later ``import torch`` in this process yield mindtorch. Under it
 ``loss.backward()`` does nothing, ``torch.optim.AdamW`` has no CPU kernel (addcdiv) and
 ``zero_grad`` fails, so gradients come from MindSpore's functional autodiff and the AdamW update
-is written here with ops that exist on CPU and Ascend.
+is written here with plain in-place tensor ops (verified on CPU; the Ascend path is not run yet).
 """
 
 from __future__ import annotations
