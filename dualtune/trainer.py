@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -193,6 +194,11 @@ def _evaluate_and_checkpoint(backend, prep, run, step, epoch) -> None:
         backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (host memory; ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _dump_activations(backend: Backend, prep: Prepared, path: Path) -> None:
     """Module outputs on the first two training examples (dataset order), for ``compare --layers``."""
     from safetensors.numpy import save_file
@@ -234,7 +240,7 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
                      "first_loss": records[0]["loss"] if records else None,
                      "last_loss": records[-1]["loss"] if records else None,
                      "train_seconds": seconds, "trainable_parameters": sum(prep.trainable.values()),
-                     "total_parameters": prep.total_params, **metrics}
+                     "total_parameters": prep.total_params, "peak_rss_mb": peak_rss_mb(), **metrics}
             write_json(run.path / "final_metrics.json", final)
             log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         except BaseException as err:
