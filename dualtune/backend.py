@@ -89,7 +89,7 @@ class Backend(ABC):
     # -- evaluation
     @abstractmethod
     def eval_batch(self, model, batch: dict) -> tuple[float, np.ndarray]:
-        """(mean loss, logits as numpy) without gradients."""
+        """(mean loss, logits as numpy) without gradients; the loss is None when ``batch`` has no labels."""
 
     @abstractmethod
     def generate(self, model, batch: dict, max_new_tokens: int) -> np.ndarray:

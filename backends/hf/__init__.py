@@ -145,7 +145,9 @@ class HFBackend(Backend):
     def eval_batch(self, model, batch):
         with torch.no_grad():
             out = self._forward(model, batch)
-        return self.to_float(out.loss), self.to_numpy(out.logits)
+        # No labels (prediction on new text): logits only.
+        loss = self.to_float(out.loss) if "labels" in batch else None
+        return loss, self.to_numpy(out.logits)
 
     def generate(self, model, batch, max_new_tokens):
         with torch.no_grad():
