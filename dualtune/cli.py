@@ -54,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     _backend_arg(ev)
 
+    pred = sub.add_parser("predict", help="label new text with a run directory's adapter",
+                          description="Label TEXT (or each non-blank line of --file) with RUN_DIR's "
+                                      "trained adapter. Prints one JSON object per text: classification "
+                                      '{"text", "label", "scores": {label: probability}}; seq2seq '
+                                      '{"text", "label": generated text}.')
+    pred.add_argument("run_dir")
+    pred.add_argument("texts", nargs="*", metavar="TEXT")
+    pred.add_argument("--file", help="UTF-8 text file, one text per line (blank lines skipped)")
+    pred.add_argument("--batch-size", type=int, default=None,
+                      help="texts per forward pass (default: the run's eval batch size)")
+    _backend_arg(pred)
+
+    rep = sub.add_parser("report", help="finished runs side by side in one table",
+                         description="One row per RUN_DIR (in the order given) from its final_metrics.json, "
+                                     "trainable.json and recipe.yaml: backend, method, the task's main metric "
+                                     "(accuracy; seq2seq exact_match, else teacher_forced_accuracy), macro F1, "
+                                     "trainable parameters, train time, peak memory, steps. Loads no framework.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
+
     cmp = sub.add_parser("compare", help="run a recipe on both backends and compare the numbers",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Run RECIPE on torch and on MindSpore (separate processes) from the "
@@ -119,14 +139,44 @@ def _cmd_tiny(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    import json
+
     from dualtune.backend import get_backend
+    from dualtune.metrics import format_classification_report
     from dualtune.trainer import evaluate_run
 
     if not (Path(args.run_dir) / "recipe.yaml").is_file():
         raise BackendError(f"{args.run_dir}: not a run directory (no recipe.yaml)")
-    metrics, _ = evaluate_run(args.run_dir, get_backend(args.backend, args.device))
+    backend = get_backend(args.backend, args.device)
+    metrics, _ = evaluate_run(args.run_dir, backend)
     for k, v in metrics.items():
         print(f"{k}: {v:.6g}")
+    out = Path(args.run_dir) / "eval" / backend.name
+    print()
+    print(format_classification_report(json.loads((out / "classification_report.json").read_text())))
+    log.info("written to %s/", out)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import json
+
+    from dualtune.backend import get_backend
+    from dualtune.predict import check_run_dir, predict, read_texts
+
+    check_run_dir(args.run_dir)  # before loading a framework: bad input fails at once
+    texts = read_texts(args.texts, args.file)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: expected 1 or more")
+    for row in predict(args.run_dir, texts, get_backend(args.backend, args.device), args.batch_size):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from dualtune.report import report
+
+    print(report(args.run_dirs, args.format))
     return 0
 
 
@@ -164,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     _setup_logging(args.verbose)
-    commands = {"run": _cmd_run, "eval": _cmd_eval, "compare": _cmd_compare, "tiny": _cmd_tiny,
-                "synthetic-data": _cmd_synthetic}
+    commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,
+                "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
     try:
         return commands[args.command](args)
     except (RecipeError, DataError, BackendError) as err:

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dualtune import data as datamap
+from dualtune import metrics as metricsmod
 from dualtune.backend import Backend
 from dualtune.recipe import Recipe, is_head_parameter
 from dualtune.rundir import RunDir, write_atomic, write_json
@@ -133,9 +134,42 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
         metrics["teacher_forced_accuracy"] = float(np.mean([p["teacher_forced_correct"] for p in predictions]))
         if generate:
             metrics["exact_match"] = float(np.mean([p["generated"] == p["label"] for p in predictions]))
+    summary = classification_summary(prep, predictions)
+    metrics.update({k: summary[k] for k in metricsmod.AVERAGES})
     majority = Counter(prep.train.labels).most_common(1)[0][0]
     metrics["majority_class_accuracy"] = float(np.mean([l == majority for l in prep.eval.labels]))
     return metrics, predictions
+
+
+def _predicted_label(prediction: dict) -> str:
+    """What a prediction row says the class is; seq2seq: the generated text when generation ran."""
+    if "pred" in prediction:
+        return prediction["pred"]
+    if prediction.get("generated") is not None:
+        return prediction["generated"]
+    # Teacher forcing: the text decodes to the label yet a token is off ([pad, positive] for
+    # [positive, </s>]) -> wrong, as in teacher_forced_accuracy.
+    text = prediction["teacher_forced"]
+    return metricsmod.OTHER if text == prediction["label"] and not prediction["teacher_forced_correct"] else text
+
+
+def classification_summary(prep: Prepared, predictions: list[dict]) -> dict:
+    """``metrics.classification_report`` of ``evaluate``'s predictions: averages, per class, confusion."""
+    report = metricsmod.classification_report([p["label"] for p in predictions],
+                                              [_predicted_label(p) for p in predictions], prep.label_names)
+    if prep.recipe.model.task == "seq2seq":
+        generated = bool(predictions) and predictions[0].get("generated") is not None
+        report["predicted_from"] = "generated" if generated else "teacher_forced"
+    return report
+
+
+def write_reports(run_path: str | Path, prep: Prepared, predictions: list[dict]) -> dict:
+    """classification_report.json and confusion_matrix.png in ``run_path``; returns the report."""
+    run_path = Path(run_path)
+    report = classification_summary(prep, predictions)
+    write_json(run_path / "classification_report.json", report)
+    metricsmod.save_confusion_png(report, run_path / "confusion_matrix.png")
+    return report
 
 
 # ---------------------------------------------------------------- training
@@ -253,7 +287,8 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
 
 
 def evaluate_run(run_dir: str | Path, backend: Backend) -> tuple[dict, list[dict]]:
-    """Evaluate a finished run directory's adapter on ``backend`` (whichever trained it)."""
+    """Evaluate a finished run directory's adapter on ``backend`` (whichever trained it); writes
+    metrics, predictions, classification report and confusion matrix to RUN_DIR/eval/BACKEND/."""
     from dualtune.recipe import load_recipe
 
     run_dir = Path(run_dir)
@@ -265,4 +300,5 @@ def evaluate_run(run_dir: str | Path, backend: Backend) -> tuple[dict, list[dict
     out = run_dir / "eval" / backend.name
     write_json(out / "metrics.json", {"backend": backend.name, "device": backend.device, **metrics})
     write_atomic(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    write_reports(out, prep, predictions)
     return metrics, predictions

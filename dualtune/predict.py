@@ -1,0 +1,94 @@
+"""``dualtune predict``: a finished run's adapter on new text. Framework-free: the backend loads the
+model and runs it; tokenization, batching and the softmax happen here, in numpy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dualtune import data as datamap
+from dualtune.backend import Backend
+from dualtune.data import DataError
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` if it holds a recipe and a trained adapter (checked before a backend is loaded)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise DataError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    if not (run_dir / "adapter").is_dir():
+        raise DataError(f"{run_dir}: no adapter/ (not a finished run)")
+    return run_dir
+
+
+def read_texts(texts: list[str], file: str | Path | None = None) -> list[str]:
+    """``texts``, then ``file``'s lines (UTF-8, blank lines skipped); at least one text."""
+    texts = list(texts)
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        texts += [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise DataError("no text to predict: give TEXT arguments or --file PATH")
+    return texts
+
+
+def label_names(recipe, run_dir: Path) -> list[str]:
+    """The classes, as the run had them: the recipe's ``data.label_names``; else the saved model's
+    ``id2label`` (full fine-tuning); else derived from the data, as training did."""
+    if recipe.data.label_names:
+        return list(recipe.data.label_names)
+    config = run_dir / "adapter" / "config.json"
+    if config.is_file():
+        id2label = json.loads(config.read_text()).get("id2label") or {}
+        if id2label:
+            return [id2label[k] for k in sorted(id2label, key=int)]
+    return datamap.load_rows(recipe.data).label_names
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size: int | None = None) -> list[dict]:
+    """One dict per text, in order: ``{"text", "label", "scores"}`` (classification, softmax over the
+    classes) or ``{"text", "label"}`` (seq2seq: the generated text, which need not be a label name).
+    ``batch_size`` defaults to the run's evaluation batch size."""
+    from dualtune.recipe import load_recipe
+
+    run_dir = check_run_dir(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    task = recipe.model.task
+    names = label_names(recipe, run_dir) if task == "classification" else list(recipe.data.label_names or [])
+    tok = backend.load_tokenizer(recipe.model)
+    model = backend.load_trained(recipe.model, names, tok, recipe.peft, run_dir / "adapter")
+    backend.set_training(model, False)
+    bs = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size
+    # Tokenized and padded as evaluation does (data.encode, data.collate); no labels: nothing to score.
+    ids = tok(list(texts), truncation=True, max_length=recipe.data.max_length)["input_ids"]
+    enc = datamap.Encoded([list(x) for x in ids], [0] * len(ids), [0] * len(ids), list(texts))
+    out = []
+    for start in range(0, len(enc), bs):
+        idx = range(start, min(start + bs, len(enc)))
+        np_batch = datamap.collate(enc, idx, tok.pad_token_id, recipe.data, "classification")
+        del np_batch["labels"]
+        batch = backend.to_tensors(np_batch)
+        if task == "classification":
+            _, logits = backend.eval_batch(model, batch)
+            for i, row, p in zip(idx, logits, softmax(logits)):
+                out.append({"text": enc.texts[i], "label": names[int(row.argmax())],
+                            "scores": {n: float(x) for n, x in zip(names, p)}})
+        else:
+            generated = backend.generate(model, batch, recipe.data.label_max_length)
+            decoded = tok.batch_decode(generated, skip_special_tokens=True)
+            out += [{"text": enc.texts[i], "label": t.strip()} for i, t in zip(idx, decoded)]
+    return out
