@@ -68,6 +68,18 @@ class Backend(ABC):
     def disable_dropout(self, model) -> int:
         """Dropout off everywhere (returns how many modules); for runs two backends must match."""
 
+    @abstractmethod
+    def set_class_weights(self, model, weights: np.ndarray | None) -> None:
+        """Classification loss becomes class-weighted cross-entropy (torch's weighted mean), or plain."""
+
+    @abstractmethod
+    def trainable_state(self, model) -> dict[str, np.ndarray]:
+        """Every trainable tensor by name, as numpy copies."""
+
+    @abstractmethod
+    def assign_trainable(self, model, state: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable tensors with ``state`` (as returned by ``trainable_state``)."""
+
     # -- the training step: the loop calls these three in order
     @abstractmethod
     def value_and_grad(self, model, params: list, batch: dict) -> tuple[Any, list]:
@@ -97,8 +109,9 @@ class Backend(ABC):
 
     # -- saving and loading
     @abstractmethod
-    def save(self, model, directory: str, peft_spec) -> None:
-        """Adapters in Hugging Face PEFT format (full fine-tuning: the whole model)."""
+    def save(self, model, directory: str, peft_spec, exact: bool = False) -> None:
+        """Adapters in Hugging Face PEFT format (full fine-tuning: the whole model). ``exact`` also
+        writes every trainable tensor as it is, so training can restart from the directory."""
 
     @abstractmethod
     def load_weights(self, model, directory: str, peft_spec) -> None:

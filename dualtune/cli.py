@@ -11,6 +11,7 @@ from pathlib import Path
 from dualtune.backend import BACKENDS, BackendError
 from dualtune.data import DataError
 from dualtune.recipe import RecipeError
+from dualtune.tiny import TINY_KINDS
 
 log = logging.getLogger("dualtune")
 
@@ -20,8 +21,8 @@ overrides are key=value pairs on the recipe's dotted keys, read as YAML:
       model.name_or_path=/models/t5-small data.source=/data/FinancialPhraseBank-v1.0.zip
 
 the run directory (train.output_dir, default runs/{recipe}-{backend}) receives recipe.yaml,
-metrics.jsonl, final_metrics.json, predictions.jsonl, trainable.json, run.log and adapter/
-(peft format). It is written aside and moved into place only when the run succeeds."""
+metrics.jsonl, final_metrics.json, predictions.jsonl, classification_report.json,
+confusion_matrix.png, trainable.json, run.log and adapter/ (peft format). It is written aside and moved into place only when the run succeeds."""
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:
@@ -89,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also compare every module's output on one batch, to find the first divergence")
 
     tiny = sub.add_parser("tiny", help="write a tiny random model + tokenizer for offline smoke runs",
-                          description="Write a tiny, randomly initialised T5 or BERT and a word-level "
+                          description="Write a tiny, randomly initialised T5, BERT or Llama and a word-level "
                                       "tokenizer built from the synthetic data, for tests and smoke "
                                       "runs where no model hub is reachable.")
-    tiny.add_argument("kind", choices=["t5", "bert"])
+    tiny.add_argument("kind", choices=TINY_KINDS)
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     _backend_arg(tiny)

@@ -66,7 +66,7 @@ def _parse_sentence_at_label(raw: bytes, origin: str) -> list[dict]:
         sentence, sep, label = line.rpartition("@")
         if not sep or not sentence.strip() or not label.strip():
             raise DataError(f"{origin}:{lineno}: expected 'sentence@label', got {line[:60]!r}")
-        rows.append({"sentence": sentence.strip(), "label": label.strip()})
+        rows.append({"sentence": sentence.strip(), "label": label.strip(), "where": f"{origin}:{lineno}"})
     return rows
 
 
@@ -93,21 +93,37 @@ def _read_table(path: Path, spec: DataSpec) -> list[dict]:
     kind = builder.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type (csv, tsv, json, jsonl, parquet, txt, zip)")
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise DataError(f"{path}: empty file")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     datasets.disable_progress_bars()  # a one-off conversion of a small file; our own bar is the run's
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-    return _rows_from_hf(ds, spec, str(path))
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # the builders' errors (pyarrow, pandas) name neither file nor line
+        cause = err.__cause__ or err
+        raise DataError(f"{path}: cannot be read as {path.suffix.lower()[1:]} "
+                        f"({type(cause).__name__}: {str(cause).splitlines()[0][:120]})") from None
+    # Where a row came from, for error lines: csv/tsv and jsonl by line (csv has a header line).
+    first_line = {".csv": 2, ".tsv": 2, ".jsonl": 1}.get(path.suffix.lower())
+    where = (lambda i: f"{path}:{first_line + i}") if first_line else (lambda i: f"{path}: record {i + 1}")
+    return _rows_from_hf(ds, spec, str(path), where)
 
 
-def _rows_from_hf(ds, spec: DataSpec, origin: str) -> list[dict]:
+def _rows_from_hf(ds, spec: DataSpec, origin: str, where=None) -> list[dict]:
+    where = where or (lambda i: f"{origin}: row {i + 1}")
     missing = [f for f in (spec.text_field, spec.label_field) if f not in ds.column_names]
     if missing:
         raise DataError(f"{origin}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
                         f"set data.text_field / data.label_field")
     feature = ds.features[spec.label_field]
     names = getattr(feature, "names", None)
-    rows = [{"sentence": t, "label": names[l] if names else l}
-            for t, l in zip(ds[spec.text_field], ds[spec.label_field])]
+    rows = []
+    for i, (text, label) in enumerate(zip(ds[spec.text_field], ds[spec.label_field])):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where(i)}: empty or missing {spec.text_field!r}")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{where(i)}: empty or missing {spec.label_field!r}")
+        rows.append({"sentence": text, "label": names[label] if names else label, "where": where(i)})
     return rows
 
 
@@ -163,7 +179,7 @@ def load_rows(spec: DataSpec) -> Rows:
     if spec.max_rows is not None:
         raw = raw[: spec.max_rows]
     if not raw:
-        raise DataError(f"{spec.source}: no rows")
+        raise DataError(f"{spec.source}: no usable rows")
 
     values = [r["label"] for r in raw]
     names = list(spec.label_names) if spec.label_names else None
@@ -172,14 +188,17 @@ def load_rows(spec: DataSpec) -> Rows:
             else [str(i) for i in range(max(int(v) for v in values) + 1)]
     index = {n: i for i, n in enumerate(names)}
     labels = []
-    for i, v in enumerate(values):
+    for i, (row, v) in enumerate(zip(raw, values)):
+        where = row.get("where", f"{spec.source}: row {i + 1}")
         if isinstance(v, str) and not v.lstrip("-").isdigit():
             if v not in index:
-                raise DataError(f"{spec.source}: row {i + 1} has label {v!r}, not in {names}")
+                raise DataError(f"{where}: label {v!r} is not one of {names}")
             labels.append(index[v])
+        elif isinstance(v, float) and not v.is_integer() or isinstance(v, bool):
+            raise DataError(f"{where}: label {v!r} is not a class name or id")
         else:
             if not 0 <= int(v) < len(names):
-                raise DataError(f"{spec.source}: row {i + 1} has label {v!r}, outside 0..{len(names) - 1}")
+                raise DataError(f"{where}: label {v!r} is outside 0..{len(names) - 1}")
             labels.append(int(v))
     return Rows([str(r["sentence"]) for r in raw], labels, names)
 

@@ -59,6 +59,31 @@ class LoraSpec(_Strict):
     target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
 
 
+class PromptSpec(_Strict):
+    """Prompt tuning (Lester et al.): trainable virtual-token embeddings before the input."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    # Start the virtual tokens from this text's token embeddings instead of random values.
+    init_text: Optional[str] = None
+
+
+class PTuningSpec(_Strict):
+    """P-tuning (Liu et al.): virtual tokens produced by a small trained encoder."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    encoder: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: Optional[int] = Field(default=None, ge=1)  # None: the model's hidden size
+    encoder_num_layers: int = Field(default=2, ge=1)
+    encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class IA3Spec(_Strict):
+    """IA3 (Liu et al.): learned vectors that rescale keys, values and feed-forward activations."""
+
+    target_modules: Optional[list[str]] = None       # None: peft's default for the architecture
+    feedforward_modules: Optional[list[str]] = None  # the targets whose input (not output) is scaled
+
+
 class BitFitSpec(_Strict):
     # Parameters whose name contains one of these train.
     patterns: list[str] = ["bias"]
@@ -76,14 +101,34 @@ def is_head_parameter(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
+# Methods peft implements (its config, layers and file format); bitfit is dualtune's; none = full fine-tuning.
+PEFT_LIBRARY_METHODS = ("prefix", "prompt", "p_tuning", "lora", "ia3")
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p_tuning")
+
+
 class PeftSpec(_Strict):
-    method: Literal["prefix", "lora", "bitfit", "none"]
+    method: Literal["prefix", "prompt", "p_tuning", "lora", "ia3", "bitfit", "none"]
     # Start from these adapter weights (a saved adapter directory, e.g. another run's
     # adapter_init/) instead of a fresh random initialisation: how two backends start equal.
     init_from: Optional[str] = None
     prefix: PrefixSpec = PrefixSpec()
+    prompt: PromptSpec = PromptSpec()
+    p_tuning: PTuningSpec = PTuningSpec()
     lora: LoraSpec = LoraSpec()
+    ia3: IA3Spec = IA3Spec()
     bitfit: BitFitSpec = BitFitSpec()
+
+
+class LossSpec(_Strict):
+    # Classification: weight each class's cross-entropy. "balanced" = n / (classes * count), counted
+    # on the training split (scikit-learn's rule), or one weight per label in label order.
+    class_weights: Union[Literal["balanced"], list[Annotated[float, Field(gt=0.0)]], None] = None
+
+
+_PRF = [f"{m}_{avg}" for avg in ("macro", "weighted") for m in ("precision", "recall", "f1")]
+# What evaluation reports, per task: the names train.best_metric may use.
+TASK_METRICS = {"classification": ["eval_loss", "accuracy", *_PRF],
+                "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *_PRF]}
 
 
 class OptimSpec(_Strict):
@@ -120,6 +165,9 @@ class TrainSpec(_Strict):
     log_every: int = Field(default=1, ge=1)
     generate: bool = True  # seq2seq: also evaluate by generating label text
     dropout: bool = True   # false: every dropout off (backends cannot share dropout masks)
+    # Keep the adapter from the evaluation with the best value of this metric (eval_loss is
+    # minimised, the rest maximised); None keeps the last. Evaluations then run in full.
+    best_metric: Optional[str] = None
     save_initial: bool = False       # also write adapter_init/: the weights before step 1
     dump_activations: bool = False   # write activations.safetensors: module outputs on one batch
 
@@ -131,7 +179,24 @@ class Recipe(_Strict):
     peft: PeftSpec
     optim: OptimSpec
     schedule: ScheduleSpec = ScheduleSpec()
+    loss: LossSpec = LossSpec()
     train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        task = self.model.task
+        if self.loss.class_weights is not None and task != "classification":
+            raise ValueError("loss.class_weights applies to classification only")
+        weights = self.loss.class_weights
+        n_labels = self.model.num_labels or (len(self.data.label_names) if self.data.label_names else None)
+        if isinstance(weights, list) and n_labels is not None and len(weights) != n_labels:
+            raise ValueError(f"loss.class_weights has {len(weights)} weights for {n_labels} labels")
+        metric = self.train.best_metric
+        if metric is not None and metric not in TASK_METRICS[task]:
+            raise ValueError(f"train.best_metric {metric!r}: expected one of {', '.join(TASK_METRICS[task])}")
+        if task == "seq2seq" and metric == "exact_match" and not self.train.generate:
+            raise ValueError("train.best_metric exact_match needs train.generate=true")
+        return self
 
     @model_validator(mode="after")
     def _labels_known(self) -> "Recipe":
@@ -155,16 +220,18 @@ def _describe(value: Any) -> str:
 def _user_path(loc: tuple, raw: Any) -> tuple:
     """``loc`` without the tags pydantic appends for the members of a union (``literal['epoch']``,
     ``int``): the longest prefix that names something in the raw input."""
-    node, keep = raw, 0
+    node, path = raw, []
     for part in loc:
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, str):
+            continue  # a union member's tag (list[...]) before the index into that list
         else:
             break
-        keep += 1
-    return loc[:keep]
+        path.append(part)
+    return tuple(path)
 
 
 def _expected(msg: str) -> str:
@@ -173,7 +240,8 @@ def _expected(msg: str) -> str:
 
 
 def _format_error(err: ValidationError, raw: Any) -> str:
-    errors = err.errors()
+    # The deepest error first: for a union, the member that got furthest into the value says most.
+    errors = sorted(err.errors(), key=lambda e: -len(_user_path(e["loc"], raw)))
     first = errors[0]
     kind = first["type"]
     if kind in ("extra_forbidden", "missing"):

@@ -11,32 +11,38 @@ import re
 from typing import Sequence
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+DECODER_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama, which has no pad token
 
 
 def words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text.lower())  # tokenizers' Whitespace pre-tokenizer
 
 
-def tiny_tokenizer(texts: Sequence[str]):
-    """A fast tokenizer over the words of ``texts`` that appends ``</s>`` like T5's."""
+def tiny_tokenizer(texts: Sequence[str], decoder: bool = False):
+    """A fast tokenizer over the words of ``texts`` that appends ``</s>`` like T5's, or (``decoder``)
+    prepends ``<s>`` and has no pad token, like Llama's."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab = {t: i for i, t in enumerate(DECODER_SPECIALS if decoder else SPECIALS)}
     for text in texts:
         for w in words(text):
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # the same split as words()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if decoder:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_config(kind: str, tokenizer):
-    from transformers import BertConfig, T5Config
+    from transformers import BertConfig, LlamaConfig, T5Config
 
     vocab_size = len(tokenizer)
     if kind == "t5":
@@ -46,4 +52,11 @@ def tiny_config(kind: str, tokenizer):
     if kind == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=256, pad_token_id=0)
-    raise ValueError(f"unknown tiny model kind {kind!r}: expected t5 or bert")
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny model kind {kind!r}: expected {', '.join(TINY_KINDS)}")
+
+
+TINY_KINDS = ("t5", "bert", "llama")

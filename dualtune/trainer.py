@@ -62,12 +62,33 @@ def prepare(recipe: Recipe, backend: Backend) -> Prepared:
         log.info("adapter initialised from %s", recipe.peft.init_from)
     if not recipe.train.dropout:
         log.info("dropout off in %d modules", backend.disable_dropout(model))
+    backend.set_class_weights(model, class_weights(recipe, enc_train.labels, label_names))
     named = backend.trainable_parameters(model)
     prepared = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model,
                         [p for _, p in named], {n: int(p.numel()) for n, p in named},
                         backend.parameter_count(model))
     _report_trainable(prepared)
     return prepared
+
+
+def class_weights(recipe: Recipe, train_labels: list[int], label_names: list[str]) -> np.ndarray | None:
+    """The loss's per-class weights (``loss.class_weights``), counted on the training split."""
+    spec, n = recipe.loss.class_weights, len(label_names)
+    if spec is None:
+        return None
+    if spec != "balanced":
+        if len(spec) != n:
+            raise datamap.DataError(f"loss.class_weights has {len(spec)} weights for the data's {n} labels")
+        return np.asarray(spec, dtype=np.float64)
+    counts = np.bincount(train_labels, minlength=n)
+    if not counts.all():
+        missing = label_names[int(np.argmin(counts))]
+        raise datamap.DataError(f"loss.class_weights=balanced: label {missing!r} has no training rows")
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(n), y=np.asarray(train_labels))
+    log.info("class weights: %s", ", ".join(f"{name}={w:.3f}" for name, w in zip(label_names, weights)))
+    return weights
 
 
 def _report_trainable(prep: Prepared) -> None:
@@ -179,8 +200,31 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
     return min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps
 
 
-def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress: bool = True) -> list[dict]:
-    """Run the recipe's optimizer steps; returns the per-step records (also written to ``run``)."""
+@dataclass
+class BestCheckpoint:
+    """The evaluation with the best ``metric`` so far, and the trainable tensors at that point."""
+
+    metric: str
+    value: float | None = None
+    step: int | None = None
+    state: dict | None = None
+
+    def beats(self, value: float) -> bool:
+        """Is ``value`` strictly better than the best so far?"""
+        return self.value is None or better(self.metric, value, self.value)
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Is ``a`` strictly better than ``b`` (eval_loss falls, every other metric rises)?"""
+    return a < b if metric == "eval_loss" else a > b
+
+
+def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress: bool = True,
+          best: BestCheckpoint | None = None) -> list[dict]:
+    """Run the recipe's optimizer steps; returns the per-step records (also written to ``run``).
+
+    Evaluates every ``train.eval_every`` (and checkpoints to ``run``), except after the last step:
+    that evaluation is the caller's (``run_recipe`` does it in full), so it is not done twice."""
     r = prep.recipe
     task, pad = r.model.task, prep.tokenizer.pad_token_id
     steps = total_steps(r, len(prep.train))
@@ -211,21 +255,29 @@ def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress:
                 run.log_metrics(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            end_of_epoch = step % per_epoch == 0 or step == steps
-            if (eval_every and step % eval_every == 0) or (eval_every is None and end_of_epoch):
-                _evaluate_and_checkpoint(backend, prep, run, step, epoch)
+            end_of_epoch = step % per_epoch == 0
+            if step < steps and ((eval_every and step % eval_every == 0) or (eval_every is None and end_of_epoch)):
+                _evaluate_and_checkpoint(backend, prep, run, step, epoch, best)
     bar.close()
     log.info("trained %d steps in %.1f s", step, time.perf_counter() - started)
     return records
 
 
-def _evaluate_and_checkpoint(backend, prep, run, step, epoch) -> None:
-    metrics, _ = evaluate(backend, prep, generate=False)
+def _evaluate_and_checkpoint(backend, prep, run, step, epoch, best: BestCheckpoint | None) -> dict:
+    # Without a best metric, a quick evaluation (no generation) to follow progress; with one, the
+    # full evaluation, since the metric may need the generated text.
+    metrics, _ = evaluate(backend, prep, generate=None if best is not None else False)
     record = {"step": step, "epoch": epoch, **metrics}
     log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if run is not None:
         run.log_metrics({"split": "eval", **record})
-        backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
+    if best is None or best.beats(metrics[best.metric]):
+        if best is not None:
+            best.value, best.step = metrics[best.metric], step
+            best.state = backend.trainable_state(prep.model)
+        if run is not None:  # a checkpoint: a run that fails later keeps its last (best) adapter
+            backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
+    return metrics
 
 
 def peak_rss_mb() -> float:
@@ -256,23 +308,39 @@ def run_recipe(recipe: Recipe, backend: Backend, output_dir: str | Path, progres
         try:
             write_atomic(run.path / "recipe.yaml", recipe.to_yaml())
             prep = prepare(recipe, backend)
-            if recipe.train.save_initial:
-                backend.save(prep.model, run.path / "adapter_init", recipe.peft)
+            if not recipe.data.label_names:  # the effective recipe names the classes the data gave
+                effective = recipe.model_copy(deep=True)
+                effective.data.label_names = list(prep.label_names)
+                write_atomic(run.path / "recipe.yaml", effective.to_yaml())
+            if recipe.train.save_initial:  # exact: another run starts from it (peft.init_from)
+                backend.save(prep.model, run.path / "adapter_init", recipe.peft, exact=True)
             if recipe.train.dump_activations:
                 _dump_activations(backend, prep, run.path / "activations.safetensors")
             write_json(run.path / "trainable.json", {"method": recipe.peft.method, "total": prep.total_params,
                                                      "trainable": sum(prep.trainable.values()),
                                                      "tensors": prep.trainable})
+            best = BestCheckpoint(recipe.train.best_metric) if recipe.train.best_metric else None
             started = time.perf_counter()
-            records = train(backend, prep, run, progress)
+            records = train(backend, prep, run, progress, best)
             seconds = time.perf_counter() - started
-            backend.save(prep.model, run.path / "adapter", recipe.peft)
             metrics, predictions = evaluate(backend, prep)
+            last = records[-1] if records else {"step": 0, "epoch": 0}
+            run.log_metrics({"split": "eval", "step": last["step"], "epoch": last["epoch"], **metrics})
+            selected = last["step"]
+            if best is not None and best.step is not None and better(best.metric, best.value, metrics[best.metric]):
+                log.info("keeping the adapter of step %d: %s %.4f (last step: %.4f)", best.step,
+                         best.metric, best.value, metrics[best.metric])
+                backend.assign_trainable(prep.model, best.state)
+                metrics, predictions = evaluate(backend, prep)
+                selected = best.step
+            backend.save(prep.model, run.path / "adapter", recipe.peft)
             write_atomic(run.path / "predictions.jsonl",
                          "".join(json.dumps(p) + "\n" for p in predictions))
+            write_reports(run.path, prep, predictions)
             final = {"backend": backend.name, "device": backend.device, "steps": len(records),
                      "first_loss": records[0]["loss"] if records else None,
                      "last_loss": records[-1]["loss"] if records else None,
+                     "selected_step": selected, "best_metric": recipe.train.best_metric,
                      "train_seconds": seconds, "trainable_parameters": sum(prep.trainable.values()),
                      "total_parameters": prep.total_params, "peak_rss_mb": peak_rss_mb(), **metrics}
             write_json(run.path / "final_metrics.json", final)

@@ -35,6 +35,13 @@ def tiny_bert(workdir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(workdir) -> str:
+    out = workdir / "tiny-llama"
+    dualtune_cli("tiny", "llama", str(out), "--backend", "torch")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def fin_data(workdir) -> str:
     """200 synthetic financial-sentiment rows as JSONL (sentence, label)."""
     out = workdir / "fin.jsonl"

@@ -257,7 +257,86 @@ def test_unknown_label_is_an_error(tmp_path):
     path.write_bytes(b"Fine line@positive\nOdd line@bullish\n")
     with pytest.raises(DataError) as err:
         datamap.load_rows(spec(path))
-    assert str(err.value) == f"{path}: row 2 has label 'bullish', not in ['negative', 'neutral', 'positive']"
+    assert str(err.value) == f"{path}:2: label 'bullish' is not one of ['negative', 'neutral', 'positive']"
+
+
+# ---------------------------------------------------------------- tables (csv, tsv, json, jsonl, parquet)
+
+TABLE = {"text": ["Profit rose 5 % .", "Sales fell , again", "The board met on Monday ."],
+         "sentiment": ["positive", "negative", "neutral"]}
+
+
+def write_table(path: Path, columns: dict) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(columns)
+    suffix = path.suffix
+    if suffix in (".csv", ".tsv"):
+        frame.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        path.write_text(json.dumps(frame.to_dict(orient="records")))
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_table_with_named_columns(tmp_path, suffix):
+    path = write_table(tmp_path / f"fin{suffix}", TABLE)
+    rows = datamap.load_rows(spec(path, text_field="text", label_field="sentiment"))
+    assert rows.texts == TABLE["text"]
+    assert rows.labels == [2, 0, 1]
+    train, evaluation = datamap.split_rows(rows, 0.5, seed=3)
+    assert (len(train.texts), len(evaluation.texts)) == (1, 2)
+
+
+def test_integer_labels_in_a_table(tmp_path):
+    path = write_table(tmp_path / "ids.csv", {"sentence": ["a b", "c d", "e f"], "label": [2, 0, 1]})
+    rows = datamap.load_rows(spec(path))
+    assert rows.labels == [2, 0, 1]
+
+
+def test_missing_column_names_the_columns(tmp_path):
+    path = write_table(tmp_path / "fin.csv", TABLE)
+    with pytest.raises(DataError) as err:
+        datamap.load_rows(spec(path))  # default text_field "sentence"
+    assert str(err.value) == (f"{path}: no column 'sentence' (columns: text, sentiment); "
+                              f"set data.text_field / data.label_field")
+
+
+@pytest.mark.parametrize("suffix, content, where, what", [
+    (".csv", "sentence,label\nfine,positive\n,negative\n", ":3", "empty or missing 'sentence'"),
+    (".csv", "sentence,label\nfine,positive\nno label here,\n", ":3", "empty or missing 'label'"),
+    (".jsonl", '{"sentence": "fine", "label": "positive"}\n{"sentence": "odd", "label": "bullish"}\n', ":2",
+     "label 'bullish' is not one of ['negative', 'neutral', 'positive']"),
+    (".csv", "sentence,label\nfine,positive\nway off,7\n", ":3", "label '7' is outside 0..2"),
+])
+def test_bad_table_row_names_file_and_line(tmp_path, suffix, content, where, what):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        datamap.load_rows(spec(path))
+    assert str(err.value) == f"{path}{where}: {what}"
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl", "empty.parquet", "Sentences_AllAgree.txt"])
+def test_empty_file_is_an_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\n\n" if name.endswith(".txt") else b"")
+    with pytest.raises(DataError) as err:
+        datamap.load_rows(spec(path))
+    assert str(err.value) == (f"{path}: no usable rows" if name.endswith(".txt") else f"{path}: empty file")
+
+
+def test_unreadable_table_is_one_line(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet at all")
+    with pytest.raises(DataError) as err:
+        datamap.load_rows(spec(path))
+    assert str(err.value).startswith(f"{path}: cannot be read as parquet (")
+    assert "\n" not in str(err.value)
 
 
 def make_fpb_zip(path: Path) -> Path:

@@ -24,7 +24,7 @@ METHODS = ("prefix", "lora", "bitfit")
 EPOCHS, LR = 3, "1e-2"
 STEPS = EPOCHS * math.ceil(180 / 8)  # 200 rows, 20 held out, batch 8
 RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final_metrics.json", "predictions.jsonl", "trainable.json",
-             "run.log", "adapter"}
+             "run.log", "adapter", "classification_report.json", "confusion_matrix.png"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 

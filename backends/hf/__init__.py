@@ -22,12 +22,15 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 
 from dualtune.backend import Backend, BackendError
 from dualtune.hub import model_not_found, resolve_model_path
-from dualtune.recipe import is_head_parameter
+from dualtune.recipe import PEFT_LIBRARY_METHODS, is_head_parameter
 
 log = logging.getLogger("dualtune")
 
 BITFIT_CONFIG = "adapter_config.json"
 BITFIT_WEIGHTS = "adapter_model.safetensors"
+# Every trainable tensor by name, written beside an adapter saved as a starting point: peft saves
+# p-tuning's (and projected prefixes') virtual tokens after their encoder, which cannot restart training.
+TRAINABLE_STATE = "trainable_state.safetensors"
 
 
 def _task_type(task: str):
@@ -36,22 +39,38 @@ def _task_type(task: str):
     return TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.SEQ_CLS
 
 
-def peft_config(peft_spec, task: str):
-    """The peft config object for a prefix or LoRA spec."""
-    from peft import LoraConfig, PrefixTuningConfig
+def peft_config(peft_spec, task: str, model_path: str | None = None):
+    """The peft config object for a method peft implements (PEFT_LIBRARY_METHODS)."""
+    import peft
 
-    if peft_spec.method == "prefix":
+    method, task_type = peft_spec.method, _task_type(task)
+    if method == "prefix":
         p = peft_spec.prefix
-        kwargs = {}
-        if p.encoder_hidden_size is not None:
-            kwargs["encoder_hidden_size"] = p.encoder_hidden_size
-        return PrefixTuningConfig(task_type=_task_type(task), num_virtual_tokens=p.num_virtual_tokens,
-                                  prefix_projection=p.prefix_projection, **kwargs)
-    if peft_spec.method == "lora":
+        kwargs = {} if p.encoder_hidden_size is None else {"encoder_hidden_size": p.encoder_hidden_size}
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens,
+                                       prefix_projection=p.prefix_projection, **kwargs)
+    if method == "prompt":
+        p = peft_spec.prompt
+        init = {} if p.init_text is None else {
+            "prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": p.init_text,
+            "tokenizer_name_or_path": model_path}
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens, **init)
+    if method == "p_tuning":
+        p = peft_spec.p_tuning
+        kwargs = {} if p.encoder_hidden_size is None else {"encoder_hidden_size": p.encoder_hidden_size}
+        return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens,
+                                        encoder_reparameterization_type=p.encoder,
+                                        encoder_num_layers=p.encoder_num_layers,
+                                        encoder_dropout=p.encoder_dropout, **kwargs)
+    if method == "lora":
         lo = peft_spec.lora
-        return LoraConfig(task_type=_task_type(task), r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                          target_modules=lo.target_modules)
-    raise ValueError(f"{peft_spec.method} is not a peft method")
+        return peft.LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                               target_modules=lo.target_modules)
+    if method == "ia3":
+        ia = peft_spec.ia3
+        return peft.IA3Config(task_type=task_type, target_modules=ia.target_modules,
+                              feedforward_modules=ia.feedforward_modules)
+    raise ValueError(f"{method} is not a peft method")
 
 
 def add_zero_biases(model, suffixes: Sequence[str]) -> list[str]:
@@ -117,10 +136,18 @@ class HFBackend(Backend):
     def apply_peft(self, model, peft_spec, task, seed):
         self.seed(seed)  # adapter initialisation is seeded
         method = peft_spec.method
-        if method in ("prefix", "lora"):
+        if method in PEFT_LIBRARY_METHODS:
             from peft import get_peft_model
 
-            return get_peft_model(model, peft_config(peft_spec, task))
+            if method in ("prompt", "p_tuning") and task == "classification" and hasattr(model, "score"):
+                # Decoder heads (`score`: Llama, Mistral, GPT-2) pool the last non-pad token, found from
+                # input_ids; peft passes inputs_embeds, so they pool the last position: padding in short rows.
+                log.warning("%s on a decoder model: the classification head reads the last position, "
+                            "which is padding in shorter rows", method)
+            try:
+                return get_peft_model(model, peft_config(peft_spec, task, model.config.name_or_path))
+            except ValueError as err:  # e.g. target_modules that name nothing in this model
+                raise BackendError(f"peft.{method}: {str(err).split('. ')[0]}") from None
         if method == "bitfit":
             added = add_zero_biases(model, peft_spec.bitfit.add_bias_to)
             model._dualtune_added_biases = added
@@ -138,9 +165,21 @@ class HFBackend(Backend):
     def set_training(self, model, training: bool) -> None:
         model.train(training)
 
-    # -- evaluation
+    # -- the loss
+    def set_class_weights(self, model, weights) -> None:
+        model._dualtune_class_weights = None if weights is None else \
+            torch.tensor(np.asarray(weights, dtype=np.float32), device=self.torch_device)
+
     def _forward(self, model, batch):
-        return model(**batch)
+        weights = getattr(model, "_dualtune_class_weights", None)
+        if weights is None or "labels" not in batch:
+            return model(**batch)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # torch's weighted mean: sum_i w[y_i] * nll_i / sum_i w[y_i]
+        out.loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"], weight=weights)
+        return out
+
+    # -- evaluation
 
     def eval_batch(self, model, batch):
         with torch.no_grad():
@@ -156,16 +195,18 @@ class HFBackend(Backend):
         return self.to_numpy(out)
 
     # -- saving and loading
-    def save(self, model, directory, peft_spec):
+    def save(self, model, directory, peft_spec, exact: bool = False):
         directory = Path(directory)
-        if peft_spec.method in ("prefix", "lora"):
+        if exact:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_numpy(self.trainable_state(model), str(directory / TRAINABLE_STATE))
+        if peft_spec.method in PEFT_LIBRARY_METHODS:
             model.save_pretrained(directory)
         elif peft_spec.method == "bitfit":
             # peft has no BitFit: the trained tensors go in a safetensors file of the same name,
             # with a config that says which tensors they are and which biases were added.
-            tensors = {n: self.to_numpy(p).copy() for n, p in self.trainable_parameters(model)}
             directory.mkdir(parents=True, exist_ok=True)
-            save_numpy(tensors, str(directory / BITFIT_WEIGHTS))
+            save_numpy(self.trainable_state(model), str(directory / BITFIT_WEIGHTS))
             config = {"peft_type": "BITFIT", "format": "dualtune",
                       "base_model_name_or_path": model.config.name_or_path,
                       "patterns": list(peft_spec.bitfit.patterns),
@@ -179,11 +220,14 @@ class HFBackend(Backend):
         """Overwrite ``model``'s adapter (or, for full fine-tuning, all) weights with those saved by
         ``save`` in ``directory``. The model must already carry the method (``apply_peft``)."""
         directory = Path(directory)
+        if (directory / TRAINABLE_STATE).is_file():
+            self.assign_trainable(model, load_numpy(str(directory / TRAINABLE_STATE)))
+            return
         weights = directory / ("model.safetensors" if peft_spec.method == "none" else BITFIT_WEIGHTS)
         if not weights.is_file():
             raise BackendError(f"{directory}: no {weights.name} (not a saved {peft_spec.method} adapter)")
         saved = load_numpy(str(weights))
-        if peft_spec.method in ("prefix", "lora"):
+        if peft_spec.method in PEFT_LIBRARY_METHODS:
             from peft import set_peft_model_state_dict
 
             # Not PeftModel.from_pretrained(is_trainable=True): peft refuses that for prefix tuning.
@@ -209,7 +253,7 @@ class HFBackend(Backend):
             spec = model_spec.model_copy(update={"name_or_path": directory})
             return self.load_model(spec, label_names, tokenizer)
         model = self.load_model(model_spec, label_names, tokenizer)
-        if peft_spec.method in ("prefix", "lora"):
+        if peft_spec.method in PEFT_LIBRARY_METHODS:
             from peft import PeftModel
 
             return PeftModel.from_pretrained(model, directory).to(self.torch_device)
@@ -217,6 +261,18 @@ class HFBackend(Backend):
         add_zero_biases(model, config["add_bias_to"])
         self.load_weights(model, directory, peft_spec)
         return model.to(self.torch_device)
+
+    def trainable_state(self, model) -> dict[str, np.ndarray]:
+        return {n: self.to_numpy(p).copy() for n, p in self.trainable_parameters(model)}
+
+    def assign_trainable(self, model, state: dict[str, np.ndarray]) -> None:
+        params = dict(self.trainable_parameters(model))
+        if set(state) != set(params):
+            odd = sorted(set(state) ^ set(params))
+            raise BackendError(f"saved trainable tensors do not match this model's: {odd[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(torch.tensor(value, device=params[name].device))
 
     def disable_dropout(self, model) -> int:
         """Set every dropout probability to 0: Dropout modules, and the float attributes attention
@@ -259,8 +315,9 @@ class HFBackend(Backend):
         from dualtune.tiny import tiny_config, tiny_tokenizer
 
         self.seed(seed)
-        tok = tiny_tokenizer(vocab_texts)
+        tok = tiny_tokenizer(vocab_texts, decoder=kind == "llama")
         config = tiny_config(kind, tok)
-        cls = transformers.T5ForConditionalGeneration if kind == "t5" else transformers.BertModel
+        cls = {"t5": transformers.T5ForConditionalGeneration, "bert": transformers.BertModel,
+               "llama": transformers.LlamaForCausalLM}[kind]
         cls(config).save_pretrained(directory)
         tok.save_pretrained(directory)

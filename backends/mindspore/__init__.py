@@ -80,7 +80,8 @@ def _backend_class():
             key = (id(model), len(params))
             if key not in self._grad_fns:
                 def loss_fn(input_ids, attention_mask, labels):
-                    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+                    return self._forward(model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                 "labels": labels}).loss
 
                 self._grad_fns[key] = value_and_grad(loss_fn, params, attach_grads=False)
             loss, grads = self._grad_fns[key](batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -88,7 +89,8 @@ def _backend_class():
             return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
 
         def clip_grads(self, grads, max_norm):
-            norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+            # One host read for the whole norm (a float() per tensor costs a device sync each).
+            norm = math.sqrt(self.to_float(torch.stack([(g * g).sum() for g in grads]).sum()))
             if max_norm is not None:
                 scale = min(1.0, max_norm / (norm + 1e-6))
                 if scale < 1.0:

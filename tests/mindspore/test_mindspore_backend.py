@@ -131,8 +131,8 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data, recipe):
                  f"data.source={fin_data}", "data.max_rows=80", "train.max_steps=6", "optim.lr=1e-2",
                  "train.batch_size=4", "--output-dir", str(out))
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "final_metrics.json", "metrics.jsonl", "predictions.jsonl", "recipe.yaml", "run.log",
-        "trainable.json"]
+        "adapter", "classification_report.json", "confusion_matrix.png", "final_metrics.json", "metrics.jsonl",
+        "predictions.jsonl", "recipe.yaml", "run.log", "trainable.json"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["backend"] == "mindspore" and final["steps"] == 6
