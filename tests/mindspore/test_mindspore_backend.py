@@ -13,7 +13,7 @@ import pytest
 from dualtune.backend import BackendError, get_backend
 from dualtune.optim import adamw_reference, clip_scale
 from dualtune.recipe import OptimSpec
-from helpers import RECIPES, assert_moved_exactly, dualtune_cli, prepared, snapshot, steps_on_one_batch
+from helpers import DEMO_METHODS, RECIPES, assert_moved_exactly, dualtune_cli, prepared, snapshot, steps_on_one_batch
 
 T5_METHODS = {
     # method: (recipe, overrides, expected trainable parameter count for the tiny T5)
@@ -142,8 +142,11 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data, recipe):
 
 
 @pytest.mark.slow
-def test_offline_demo_beats_majority_on_mindspore(tmp_path):
+@pytest.mark.parametrize("method", list(DEMO_METHODS))
+def test_offline_demo_beats_majority_on_mindspore(tmp_path, method):
     out = tmp_path / "demo"
-    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", "--output-dir", str(out))
+    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", *DEMO_METHODS[method],
+                 "--output-dir", str(out))
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["accuracy"] >= final["majority_class_accuracy"] + 0.15, final
+    assert final["last_loss"] < final["first_loss"]
