@@ -106,10 +106,12 @@ def count_tokens(input_mask, labels) -> int:
     return int((input_mask != 0).sum()) + int((labels != -100).sum())
 
 
-def load_bench_recipe(cfg: dict, extra: list[str] = ()):
+def load_bench_recipe(cfg: dict, extra: list[str] = (), side: str = "dualtune"):
+    """The recipe as a side runs it: the bench's overrides, then (reference side) --reference."""
     from dualtune.recipe import load_recipe
 
-    return load_recipe(cfg["recipe"], list(cfg["overrides"]) + list(extra))
+    own = list(cfg.get("reference_overrides", [])) if side == "reference" else []
+    return load_recipe(cfg["recipe"], list(cfg["overrides"]) + own + list(extra))
 
 
 def rate(count: float, seconds: float) -> float:
@@ -227,7 +229,8 @@ def child_dualtune(cfg: dict) -> dict:
         if i >= WARMUP_EVAL_BATCHES:
             samples += len(np_batch["input_ids"])
     eval_seconds = time.perf_counter() - started if started is not None else 0.0
-    return {"what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
+    return {"data": {"padding": r.data.padding, "group_by_length": r.train.group_by_length},
+            "what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
             "train_steps": cfg["steps"], "train_seconds": train_seconds, "train_tokens": train_tokens,
             "step_seconds": step_seconds, "peak_rss_mb_by_phase": rss,
             "eval_samples": samples, "eval_seconds": eval_seconds,
@@ -364,7 +367,7 @@ def child_reference_torch(cfg: dict) -> dict:
     import transformers
     from torch.utils.data import DataLoader
 
-    recipe = load_bench_recipe(cfg)
+    recipe = load_bench_recipe(cfg, side="reference")
     path = cfg["model_dir"]
     tok = transformers.AutoTokenizer.from_pretrained(path)
     train_feats, eval_feats, label_names = reference_data(recipe, tok)
@@ -386,7 +389,7 @@ def child_reference_torch(cfg: dict) -> dict:
             warmup_steps=sched.warmup_steps or 0, warmup_ratio=sched.warmup_ratio or 0.0,
             seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_strategy="no",
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
-            remove_unused_columns=False)
+            remove_unused_columns=False, group_by_length=recipe.train.group_by_length)
 
         step_ends, step_tokens, losses = [], [], []
 
@@ -410,7 +413,8 @@ def child_reference_torch(cfg: dict) -> dict:
         raise BenchError(f"the Trainer ran {len(step_ends)} steps, expected {total}")
     samples, eval_seconds = reference_eval(recipe, model, tok, eval_feats, collator, cfg["eval_batches"],
                                            DataLoader, torch)
-    return {"what": f"transformers.{trainer_cls.__name__} + peft (optim {getattr(args.optim, 'value', args.optim)}), plain generate loop",
+    return {"data": {"padding": recipe.data.padding, "group_by_length": recipe.train.group_by_length},
+            "what": f"transformers.{trainer_cls.__name__} + peft (optim {getattr(args.optim, 'value', args.optim)}), plain generate loop",
             "train_steps": cfg["steps"], "train_seconds": step_ends[-1] - step_ends[WARMUP_STEPS - 1],
             "train_tokens": sum(step_tokens[WARMUP_STEPS:]), "eval_samples": samples,
             "step_seconds": [b - a for a, b in zip(step_ends[WARMUP_STEPS - 1:], step_ends[WARMUP_STEPS:])],
@@ -434,7 +438,7 @@ def child_reference_mindspore(cfg: dict) -> dict:
     from mindtorch.autograd import value_and_grad
     from torch.utils.data import DataLoader
 
-    recipe = load_bench_recipe(cfg)
+    recipe = load_bench_recipe(cfg, side="reference")
     path = cfg["model_dir"]
     tok = transformers.AutoTokenizer.from_pretrained(path)
     train_feats, eval_feats, label_names = reference_data(recipe, tok)
@@ -460,6 +464,10 @@ def child_reference_mindspore(cfg: dict) -> dict:
     epoch = 0
     while step < total:
         order = np.random.default_rng(recipe.train.seed + epoch).permutation(len(train_feats))
+        if recipe.train.group_by_length:  # dualtune's data loader's grouping (framework-free)
+            from dualtune.data import length_grouped
+
+            order = length_grouped(order, [len(f["input_ids"]) for f in train_feats], bs)
         for start in range(0, len(order), bs):
             if step >= total:
                 break
@@ -489,7 +497,8 @@ def child_reference_mindspore(cfg: dict) -> dict:
     rss["train"] = peak_rss_mb()
     samples, eval_seconds = reference_eval(recipe, model, tok, eval_feats, collator, cfg["eval_batches"],
                                            DataLoader, torch)
-    return {"what": "plain mindnlp loop: HF model + peft under mindtorch, mindtorch.autograd.value_and_grad, "
+    return {"data": {"padding": recipe.data.padding, "group_by_length": recipe.train.group_by_length},
+            "what": "plain mindnlp loop: HF model + peft under mindtorch, mindtorch.autograd.value_and_grad, "
                     "in-place AdamW; plain generate loop",
             "train_steps": cfg["steps"], "train_seconds": step_ends[-1] - step_ends[WARMUP_STEPS - 1],
             "train_tokens": sum(step_tokens[WARMUP_STEPS:]), "eval_samples": samples,
@@ -680,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each side, wait up to SECONDS for other processes to use < 10 %% of the "
                         "cores, and run a side again (twice at most) if they used more while it ran")
+    p.add_argument("--reference", nargs="+", default=[], metavar="key=value",
+                   help="overrides for the reference side only, e.g. data.padding=max_length (the "
+                        "notebooks' way) against dualtune's data.padding=longest train.group_by_length=true")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--only", choices=["dualtune", "reference"], help=argparse.SUPPRESS)
     return p
@@ -711,7 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         kind, model_dir, model_info = resolve_model(args.model, recipe, work, env, say)
         overrides.append(f"model.name_or_path={model_dir}")
         recipe = load_recipe(args.recipe, overrides)
-        cfg = {"recipe": str(Path(args.recipe).resolve()), "overrides": overrides, "backend": args.backend,
+        load_recipe(args.recipe, overrides + list(args.reference))  # bad reference overrides: fail now
+        cfg = {"recipe": str(Path(args.recipe).resolve()), "overrides": overrides,
+               "reference_overrides": list(args.reference), "backend": args.backend,
                "steps": args.steps, "eval_batches": args.eval_batches, "threads": args.threads,
                "model_dir": model_dir}
         cfg_path = work / "config.json"
@@ -748,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join([".venv/bin/python", "benchmarks/bench.py", *argv]),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "model": {"choice": args.model, "kind": kind, "path": model_dir, **model_info},
-            "overrides": overrides, "method": recipe.peft.method, "task": recipe.model.task,
+            "overrides": overrides, "reference_overrides": list(args.reference), "method": recipe.peft.method, "task": recipe.model.task,
             "steps": args.steps, "warmup_steps": WARMUP_STEPS, "eval_batches": args.eval_batches,
             "warmup_eval_batches": WARMUP_EVAL_BATCHES, "batch_size": recipe.train.batch_size,
             "eval_batch_size": recipe.train.eval_batch_size or recipe.train.batch_size,

@@ -252,12 +252,39 @@ def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[s
     return batch
 
 
+# Length grouping sorts within windows of this many batches (transformers' LengthGroupedSampler's rule).
+MEGABATCH_BATCHES = 50
+
+
+def length_grouped(order: np.ndarray, lengths: list[int], batch_size: int) -> np.ndarray:
+    """``order`` regrouped so each batch holds examples of similar length, padding less: windows of
+    MEGABATCH_BATCHES batches, each sorted longest first (stable), and the longest batch of all
+    first, so a run that will run out of memory does so at step 1. Deterministic given ``order``."""
+    window = MEGABATCH_BATCHES * batch_size
+    parts = []
+    for start in range(0, len(order), window):
+        chunk = order[start: start + window]
+        parts.append(chunk[np.argsort([-lengths[i] for i in chunk], kind="stable")])
+    grouped = np.concatenate(parts) if parts else order
+    # the window heads are their windows' longest batches; move the longest of them to the front
+    heads = list(range(0, len(grouped), window))
+    longest = max(heads, key=lambda h: lengths[grouped[h]])
+    if longest:
+        first, other = grouped[:batch_size].copy(), grouped[longest: longest + batch_size].copy()
+        if len(other) == batch_size:
+            grouped[:batch_size], grouped[longest: longest + batch_size] = other, first
+    return grouped
+
+
 def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: str,
-            shuffle_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in a seeded order (``shuffle_seed``) or in dataset order (None)."""
+            shuffle_seed: int | None = None, group_by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in a seeded order (``shuffle_seed``) or in dataset order (None); ``group_by_length``
+    regroups the seeded order into batches of similar length (``length_grouped``)."""
     order = np.arange(len(enc))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(enc))
+        if group_by_length:
+            order = length_grouped(order, [len(x) for x in enc.input_ids], batch_size)
     for start in range(0, len(enc), batch_size):
         yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
 

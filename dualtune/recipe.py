@@ -157,6 +157,8 @@ class TrainSpec(_Strict):
     epochs: int = Field(default=1, ge=1)
     max_steps: Optional[int] = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
     batch_size: int = Field(default=8, ge=1)
+    # Batches of similar length (seeded, the same on every backend): less padding, faster steps.
+    group_by_length: bool = False
     eval_batch_size: Optional[int] = Field(default=None, ge=1)
     # "epoch" or every N optimizer steps (N >= 1: 0 would silently never evaluate)
     eval_every: Union[Literal["epoch"], Annotated[int, Field(ge=1)]] = "epoch"

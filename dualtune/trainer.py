@@ -238,7 +238,7 @@ def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress:
     for epoch in range(r.train.epochs):
         # The order depends only on (seed, epoch): identical on every backend.
         for np_batch in datamap.batches(prep.train, r.train.batch_size, pad, r.data, task,
-                                        shuffle_seed=r.train.seed + epoch):
+                                        shuffle_seed=r.train.seed + epoch, group_by_length=r.train.group_by_length):
             if step >= steps:
                 break
             lr = lr_at(step, r.optim.lr, r.schedule, steps)
@@ -363,6 +363,7 @@ def evaluate_run(run_dir: str | Path, backend: Backend) -> tuple[dict, list[dict
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer, label_names, enc_train, enc_eval = prepare_data(recipe, backend)
     model = backend.load_trained(recipe.model, label_names, tokenizer, recipe.peft, run_dir / "adapter")
+    backend.set_class_weights(model, class_weights(recipe, enc_train.labels, label_names))  # eval_loss as trained
     prep = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model, [])
     metrics, predictions = evaluate(backend, prep)
     out = run_dir / "eval" / backend.name

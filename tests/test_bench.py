@@ -24,10 +24,10 @@ SIDE_FIELDS = METRICS + ("train_steps", "train_seconds", "train_tokens", "step_s
                          "total_parameters", "wall_seconds", "what")
 
 
-def run_bench(backend: str, model: str, out) -> dict:
+def run_bench(backend: str, model: str, out, *extra: str) -> dict:
     proc = subprocess.run(
         [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--backend", backend, "--steps", "2",
-         "--eval-batches", "1", "--model", model, "--out", str(out)],
+         "--eval-batches", "1", "--model", model, "--out", str(out), *extra],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     assert "ratio d/r" in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
@@ -59,6 +59,17 @@ def check_report(report: dict, backend: str) -> None:
 @pytest.mark.slow
 def test_bench_torch(tiny_t5, tmp_path):
     check_report(run_bench("torch", tiny_t5, tmp_path / "bench-torch.json"), "torch")
+
+
+@pytest.mark.slow
+def test_bench_reference_overrides_apply_to_the_reference_only(tiny_t5, tmp_path):
+    """dualtune's dynamic, length-grouped padding against the notebooks' fixed-length padding."""
+    report = run_bench("torch", tiny_t5, tmp_path / "bench.json", "data.padding=longest",
+                       "train.group_by_length=true", "--reference", "data.padding=max_length")
+    assert report["dualtune"]["data"] == {"padding": "longest", "group_by_length": True}
+    assert report["reference"]["data"] == {"padding": "max_length", "group_by_length": True}
+    assert report["reference_overrides"] == ["data.padding=max_length"]
+    assert report["dualtune"]["train_batch_shape"][1] < 128  # synthetic sentences are short
 
 
 @pytest.mark.slow

@@ -100,7 +100,7 @@ rows = datamap.load_rows(spec)
 train, _ = datamap.split_rows(rows, spec.train_split, spec.seed)
 enc = datamap.encode(train, Words(), spec, "seq2seq")
 h = hashlib.sha256()
-for b in datamap.batches(enc, 8, 0, spec, "seq2seq", shuffle_seed=42):
+for b in datamap.batches(enc, 8, 0, spec, "seq2seq", shuffle_seed=42, group_by_length=True):
     for k in sorted(b):
         h.update(k.encode()); h.update(str(b[k].dtype).encode()); h.update(str(b[k].shape).encode())
         h.update(b[k].tobytes())
@@ -117,6 +117,40 @@ def test_batches_do_not_depend_on_the_process(fin_data):
                                    "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())}, check=True)
         digests.append(proc.stdout.strip())
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+# ---------------------------------------------------------------- length-grouped batches
+
+def test_length_grouped_batches_pad_less_and_keep_every_example(fin_data, t5_tokenizer):
+    data_spec = spec(fin_data, max_rows=None)
+    rows = datamap.load_rows(data_spec)
+    enc = datamap.encode(rows, t5_tokenizer, data_spec, "classification")
+    lengths = [len(x) for x in enc.input_ids]
+
+    def cut(group):
+        return list(datamap.batches(enc, 8, 0, data_spec, "classification", shuffle_seed=7, group_by_length=group))
+
+    plain, grouped = cut(False), cut(True)
+    assert [b["input_ids"].tobytes() for b in grouped] == [b["input_ids"].tobytes() for b in cut(True)]
+    # the same examples, each once: sorted (text length, label) pairs agree
+    def seen(bs):
+        return sorted((int(m.sum()), int(l)) for b in bs for m, l in zip(b["attention_mask"], b["labels"]))
+    assert seen(grouped) == seen(plain) and len(seen(grouped)) == len(enc)
+    padded = lambda bs: sum(b["input_ids"].size for b in bs)  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert grouped[0]["input_ids"].shape[1] == max(lengths)  # the longest batch comes first
+
+
+def test_length_grouping_sorts_within_windows():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    order = np.arange(10)
+    grouped = datamap.length_grouped(order, lengths, batch_size=2)  # one window of 50 batches
+    assert [lengths[i] for i in grouped] == [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    # windows of 50 x 1 examples: each window sorted on its own, longest window head first
+    lengths = list(range(60)) + list(range(100, 140))
+    grouped = datamap.length_grouped(np.arange(100), lengths, batch_size=1)
+    assert [lengths[i] for i in grouped[:3]] == [139, 48, 47]  # 139 swapped with window 1's head 49
+    assert sorted(grouped.tolist()) == list(range(100))
 
 
 # ---------------------------------------------------------------- split sizes

@@ -126,3 +126,15 @@ def test_best_checkpoint_is_kept(tiny_bert, fin_data, tmp_path):
     dualtune_cli("eval", str(out), "--backend", "torch")
     again = json.loads((out / "eval" / "torch" / "metrics.json").read_text())
     assert again["eval_loss"] == pytest.approx(losses[best_step], rel=1e-6)
+
+
+def test_eval_of_a_weighted_run_reports_the_weighted_loss(tiny_bert, fin_data, tmp_path):
+    out = tmp_path / "run"
+    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}",
+                 f"data.source={fin_data}", "data.max_rows=null", "train.max_steps=3", "loss.class_weights=balanced",
+                 "--output-dir", str(out))
+    final = json.loads((out / "final_metrics.json").read_text())
+    dualtune_cli("eval", str(out), "--backend", "torch")
+    again = json.loads((out / "eval" / "torch" / "metrics.json").read_text())
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert again["accuracy"] == final["accuracy"]
