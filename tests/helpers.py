@@ -114,3 +114,15 @@ def assert_moved_exactly(before: dict, after: dict, trainable) -> None:
     assert moved - trainable == set(), f"frozen tensors changed: {sorted(moved - trainable)[:5]}"
     must_move = {n for n in trainable if not is_key_bias(n)}
     assert must_move - moved == set(), f"trainable tensors did not change: {sorted(must_move - moved)[:5]}"
+
+
+def assert_method_trains_exactly(backend, prep, expected: int) -> None:
+    """``expected`` trainable parameters (also peft's own count); four AdamW steps on one batch move
+    exactly those and make the loss fall."""
+    n_trainable = sum(prep.trainable.values())
+    assert n_trainable == expected
+    assert prep.model.get_nb_trainable_parameters()[0] == n_trainable  # peft's own count
+    before = snapshot(backend, prep.model)
+    losses = steps_on_one_batch(backend, prep, steps=4, lr=1e-2)
+    assert_moved_exactly(before, snapshot(backend, prep.model), prep.trainable)
+    assert losses[-1] < losses[0] - 1e-3, f"loss did not fall on {backend.name}: {losses}"
