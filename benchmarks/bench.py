@@ -704,7 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--make-model"]:
         child_make_model(argv[1], argv[2])
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also come after the options (`bench.py R --backend torch a=1`), as with dualtune.
+    args, extra = parser.parse_known_args(argv)
+    if any(e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
     if min(args.steps, args.eval_batches, args.threads, args.repeat) < 1:
         print("bench: error: --steps, --eval-batches, --threads and --repeat must be >= 1", file=sys.stderr)
         return 2
