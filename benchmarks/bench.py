@@ -55,6 +55,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from dualtune.rundir import peak_rss_mb  # stdlib only: costs neither side memory
+
 HERE = Path(__file__).resolve()
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
 LABELS = {"steps_per_s": "train steps/s", "tokens_per_s": "train tokens/s",
@@ -96,10 +98,6 @@ class BenchError(RuntimeError):
 
 
 # ====================================================================== shared helpers (no framework)
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
 
 def count_tokens(input_mask, labels) -> int:
     """Non-pad input tokens + label tokens (labels != -100), numpy or tensor alike."""

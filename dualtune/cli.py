@@ -22,7 +22,8 @@ overrides are key=value pairs on the recipe's dotted keys, read as YAML:
 
 the run directory (train.output_dir, default runs/{recipe}-{backend}) receives recipe.yaml,
 metrics.jsonl, final_metrics.json, predictions.jsonl, classification_report.json,
-confusion_matrix.png, trainable.json, run.log and adapter/ (peft format). It is written aside and moved into place only when the run succeeds."""
+confusion_matrix.png, trainable.json, run.log and adapter/ (peft format). It is written aside and
+moved into place only when the run succeeds."""
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:

@@ -86,6 +86,12 @@ def _read_fpb_zip(path: Path, config: str | None) -> list[dict]:
         return _parse_sentence_at_label(zf.read(names[0]), f"{path}!{names[0]}")
 
 
+def _blank(path: Path) -> bool:
+    """Empty or whitespace only, read no further than the first chunk that is not."""
+    with path.open("rb") as f:
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
 def _read_table(path: Path, spec: DataSpec) -> list[dict]:
     import datasets
 
@@ -93,7 +99,7 @@ def _read_table(path: Path, spec: DataSpec) -> list[dict]:
     kind = builder.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type (csv, tsv, json, jsonl, parquet, txt, zip)")
-    if path.stat().st_size == 0 or not path.read_bytes().strip():
+    if _blank(path):
         raise DataError(f"{path}: empty file")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     datasets.disable_progress_bars()  # a one-off conversion of a small file; our own bar is the run's
@@ -194,7 +200,7 @@ def load_rows(spec: DataSpec) -> Rows:
             if v not in index:
                 raise DataError(f"{where}: label {v!r} is not one of {names}")
             labels.append(index[v])
-        elif isinstance(v, float) and not v.is_integer() or isinstance(v, bool):
+        elif isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
             raise DataError(f"{where}: label {v!r} is not a class name or id")
         else:
             if not 0 <= int(v) < len(names):

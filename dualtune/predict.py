@@ -3,7 +3,6 @@ model and runs it; tokenization, batching and the softmax happen here, in numpy.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune.backend import Backend
 from dualtune.data import DataError
+from dualtune.trainer import decode
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -40,16 +40,11 @@ def read_texts(texts: list[str], file: str | Path | None = None) -> list[str]:
     return texts
 
 
-def label_names(recipe, run_dir: Path) -> list[str]:
-    """The classes, as the run had them: the recipe's ``data.label_names``; else the saved model's
-    ``id2label`` (full fine-tuning); else derived from the data, as training did."""
+def label_names(recipe) -> list[str]:
+    """The classes, as the run had them: its recipe.yaml names them (``run_recipe`` writes the names
+    the data gave); a hand-written recipe without them gets them from the data, as training did."""
     if recipe.data.label_names:
         return list(recipe.data.label_names)
-    config = run_dir / "adapter" / "config.json"
-    if config.is_file():
-        id2label = json.loads(config.read_text()).get("id2label") or {}
-        if id2label:
-            return [id2label[k] for k in sorted(id2label, key=int)]
     return datamap.load_rows(recipe.data).label_names
 
 
@@ -68,7 +63,7 @@ def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size:
     run_dir = check_run_dir(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
     task = recipe.model.task
-    names = label_names(recipe, run_dir) if task == "classification" else list(recipe.data.label_names or [])
+    names = label_names(recipe) if task == "classification" else list(recipe.data.label_names or [])
     tok = backend.load_tokenizer(recipe.model)
     model = backend.load_trained(recipe.model, names, tok, recipe.peft, run_dir / "adapter")
     backend.set_training(model, False)
@@ -88,7 +83,6 @@ def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size:
                 out.append({"text": enc.texts[i], "label": names[int(row.argmax())],
                             "scores": {n: float(x) for n, x in zip(names, p)}})
         else:
-            generated = backend.generate(model, batch, recipe.data.label_max_length)
-            decoded = tok.batch_decode(generated, skip_special_tokens=True)
-            out += [{"text": enc.texts[i], "label": t.strip()} for i, t in zip(idx, decoded)]
+            decoded = decode(tok, backend.generate(model, batch, recipe.data.label_max_length))
+            out += [{"text": enc.texts[i], "label": t} for i, t in zip(idx, decoded)]
     return out

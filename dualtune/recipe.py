@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dualtune.metrics import AVERAGES
+
 
 class RecipeError(ValueError):
     """A recipe or override that cannot be used; the message is one line meant for the user."""
@@ -103,7 +105,6 @@ def is_head_parameter(name: str) -> bool:
 
 # Methods peft implements (its config, layers and file format); bitfit is dualtune's; none = full fine-tuning.
 PEFT_LIBRARY_METHODS = ("prefix", "prompt", "p_tuning", "lora", "ia3")
-PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p_tuning")
 
 
 class PeftSpec(_Strict):
@@ -125,10 +126,9 @@ class LossSpec(_Strict):
     class_weights: Union[Literal["balanced"], list[Annotated[float, Field(gt=0.0)]], None] = None
 
 
-_PRF = [f"{m}_{avg}" for avg in ("macro", "weighted") for m in ("precision", "recall", "f1")]
 # What evaluation reports, per task: the names train.best_metric may use.
-TASK_METRICS = {"classification": ["eval_loss", "accuracy", *_PRF],
-                "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *_PRF]}
+TASK_METRICS = {"classification": ["eval_loss", "accuracy", *AVERAGES],
+                "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *AVERAGES]}
 
 
 class OptimSpec(_Strict):

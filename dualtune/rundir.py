@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,3 +62,8 @@ class RunDir:
         self.failed = self.target.with_name(f"{self.target.name}.failed")
         shutil.rmtree(self.failed, ignore_errors=True)
         os.replace(self.path, self.failed)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (host memory; ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

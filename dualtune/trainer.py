@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from dualtune import data as datamap
 from dualtune import metrics as metricsmod
 from dualtune.backend import Backend
 from dualtune.recipe import Recipe, is_head_parameter
-from dualtune.rundir import RunDir, write_atomic, write_json
+from dualtune.rundir import RunDir, peak_rss_mb, write_atomic, write_json
 from dualtune.schedule import lr_at
 
 log = logging.getLogger("dualtune")
@@ -109,7 +108,8 @@ def _report_trainable(prep: Prepared) -> None:
 
 # ---------------------------------------------------------------- evaluation
 
-def _decode(tokenizer, ids: np.ndarray) -> list[str]:
+def decode(tokenizer, ids: np.ndarray) -> list[str]:
+    """Token ids as stripped text, special tokens dropped (label words, generated or teacher-forced)."""
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -137,11 +137,11 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
         else:
             labels = np_batch["labels"]
             argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
-            forced = _decode(tok, argmax)
+            forced = decode(tok, argmax)
             # Correct only if every label token (eos included) is the argmax: decoding alone would
             # pass [pad, positive] for [positive, </s>].
             token_exact = ((argmax == labels) | (labels == -100)).all(-1)
-            generated = _decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
+            generated = decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
                 if generate else [None] * n
             for g, f, ok, gen in zip(gold, forced, token_exact, generated):
                 predictions.append({"label": prep.label_names[g], "teacher_forced": f,
@@ -263,7 +263,7 @@ def train(backend: Backend, prep: Prepared, run: RunDir | None = None, progress:
     return records
 
 
-def _evaluate_and_checkpoint(backend, prep, run, step, epoch, best: BestCheckpoint | None) -> dict:
+def _evaluate_and_checkpoint(backend, prep, run, step, epoch, best: BestCheckpoint | None) -> None:
     # Without a best metric, a quick evaluation (no generation) to follow progress; with one, the
     # full evaluation, since the metric may need the generated text.
     metrics, _ = evaluate(backend, prep, generate=None if best is not None else False)
@@ -277,12 +277,6 @@ def _evaluate_and_checkpoint(backend, prep, run, step, epoch, best: BestCheckpoi
             best.state = backend.trainable_state(prep.model)
         if run is not None:  # a checkpoint: a run that fails later keeps its last (best) adapter
             backend.save(prep.model, run.path / "adapter", prep.recipe.peft)
-    return metrics
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (host memory; ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _dump_activations(backend: Backend, prep: Prepared, path: Path) -> None:
