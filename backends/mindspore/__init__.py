@@ -21,7 +21,7 @@ DEVICES = {"cpu": ("CPU", "cpu"), "ascend": ("Ascend", "npu"), "gpu": ("GPU", "c
 
 
 def activate(device: str) -> None:
-    """Point MindSpore at ``device`` and install mindnlp's ``import torch`` redirect."""
+    """Point MindSpore at ``device``, tune it for CPU, install mindnlp's ``import torch`` redirect."""
     if torch_flavour() == "torch":
         raise BackendError("the mindspore backend cannot start: PyTorch is already imported in this "
                            "process, and mindnlp would mix it with mindtorch; run mindspore in a separate process")
@@ -31,6 +31,11 @@ def activate(device: str) -> None:
     import mindspore
 
     mindspore.set_device(DEVICES[device][0])
+    from dualtune.backends.mindspore import cpu_speed
+
+    speed = cpu_speed.enabled(device)
+    if speed:
+        settings = cpu_speed.configure_runtime()
     # mindnlp points HF_ENDPOINT at a mirror when it is unset; keep the user's choice (unset means
     # huggingface.co, as everywhere else) and leave the environment as we found it.
     user_endpoint = os.environ.get("HF_ENDPOINT")
@@ -39,6 +44,8 @@ def activate(device: str) -> None:
 
     if user_endpoint is None:
         del os.environ["HF_ENDPOINT"]
+    if speed:
+        log.info("mindspore CPU settings: %s", ", ".join(settings + cpu_speed.patch_linear()))
 
 
 def create(device: str = "cpu"):
