@@ -179,7 +179,7 @@ class _TimedBackend:
         return value
 
 
-def child_dualtune(cfg: dict) -> dict:
+def child_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     from dualtune.backend import get_backend
 
     backend = get_backend(cfg["backend"], "cpu")
@@ -192,7 +192,7 @@ def child_dualtune(cfg: dict) -> dict:
 
     total = cfg["steps"] + WARMUP_STEPS
     # train.max_steps bounds the run; an int eval_every that is never reached keeps evaluation out.
-    recipe = load_bench_recipe(cfg, [f"train.max_steps={total}", "train.eval_every=1000000000"])
+    recipe = load_bench_recipe(cfg, [f"train.max_steps={total}", "train.eval_every=1000000000"], side)
     prep = prepare(recipe, backend)
     rss = {"setup": peak_rss_mb()}
     per_epoch = datamap.num_batches(len(prep.train), recipe.train.batch_size)
@@ -211,10 +211,16 @@ def child_dualtune(cfg: dict) -> dict:
     bs = r.train.eval_batch_size or r.train.batch_size
     backend.set_training(prep.model, False)
     samples, started = 0, None
-    it = datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task)
+    # evaluate() reads the eval split longest first (data.eval_order); time batches spread evenly
+    # over that order (the longest one is the warm-up), not just its longest few; full batches only.
+    import numpy as np
+
+    order = datamap.eval_order(prep.eval, r.data)
+    starts = range(0, max(1, len(order) - bs + 1), bs)
+    picked = sorted({starts[round(k)] for k in np.linspace(0, len(starts) - 1, WARMUP_EVAL_BATCHES + cfg["eval_batches"])})
+    it = datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task,
+                         order=np.concatenate([order[a: a + bs] for a in picked]))
     for i, np_batch in enumerate(it):
-        if i == WARMUP_EVAL_BATCHES + cfg["eval_batches"]:
-            break
         if i == WARMUP_EVAL_BATCHES:
             started = time.perf_counter()
         batch = backend.to_tensors(np_batch)
@@ -514,6 +520,8 @@ def run_child(side: str, cfg_path: str, result_path: str) -> int:
     started = time.perf_counter()
     if side == "dualtune":
         result = child_dualtune(cfg)
+    elif cfg.get("against") == "torch":  # the reference side is dualtune itself on the torch backend
+        result = child_dualtune({**cfg, "backend": "torch"}, side)
     elif cfg["backend"] == "torch":
         result = child_reference_torch(cfg)
     else:
@@ -690,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="+", default=[], metavar="key=value",
                    help="overrides for the reference side only, e.g. data.padding=max_length (the "
                         "notebooks' way) against dualtune's data.padding=longest train.group_by_length=true")
+    p.add_argument("--against", choices=["reference", "torch"], default="reference",
+                   help="what the reference side runs: the plain HF reference (default), or, with "
+                        "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch)")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--only", choices=["dualtune", "reference"], help=argparse.SUPPRESS)
     return p
@@ -711,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps, args.eval_batches, args.threads, args.repeat) < 1:
         print("bench: error: --steps, --eval-batches, --threads and --repeat must be >= 1", file=sys.stderr)
         return 2
+    if args.against == "torch" and args.backend != "mindspore":
+        print("bench: error: --against torch compares the mindspore backend with torch; add --backend mindspore",
+              file=sys.stderr)
+        return 2
 
     def say(msg):
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -730,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"recipe": str(Path(args.recipe).resolve()), "overrides": overrides,
                "reference_overrides": list(args.reference), "backend": args.backend,
                "steps": args.steps, "eval_batches": args.eval_batches, "threads": args.threads,
-               "model_dir": model_dir}
+               "model_dir": model_dir, "against": args.against}
         cfg_path = work / "config.json"
         cfg_path.write_text(json.dumps(cfg))
         load_before = os.getloadavg()
@@ -762,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
         report = {
             "recipe": Path(args.recipe).stem, "recipe_path": str(args.recipe), "backend": args.backend,
+            "against": "dualtune on torch" if args.against == "torch" else "plain HF reference",
             "command": shlex.join([".venv/bin/python", "benchmarks/bench.py", *argv]),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "model": {"choice": args.model, "kind": kind, "path": model_dir, **model_info},
@@ -777,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": _versions(args.backend), **sides}
         if len(sides) == 2:
             report["ratios"] = {k: rate(sides["dualtune"][k], sides["reference"][k]) for k in METRICS}
-            print(f"{report['recipe']} on {args.backend}: model {kind}, batch {report['batch_size']} x "
+            print(f"{report['recipe']} on {args.backend} against the {report['against']}: model {kind}, batch {report['batch_size']} x "
                   f"{report['max_length']} ({report['padding']}), {args.steps} steps, {args.eval_batches} "
                   f"eval batches, {args.threads} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}")
             print(format_table(report))

@@ -282,10 +282,23 @@ def length_grouped(order: np.ndarray, lengths: list[int], batch_size: int) -> np
     return grouped
 
 
+def eval_order(enc: Encoded, spec: DataSpec) -> np.ndarray:
+    """The order evaluation reads ``enc`` in: longest first (stable) when batches pad to their
+    longest row, so each batch pads little; dataset order when every batch pads to max_length."""
+    if spec.padding == "max_length":
+        return np.arange(len(enc))
+    return np.argsort([-len(x) for x in enc.input_ids], kind="stable")
+
+
 def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: str,
-            shuffle_seed: int | None = None, group_by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in a seeded order (``shuffle_seed``) or in dataset order (None); ``group_by_length``
-    regroups the seeded order into batches of similar length (``length_grouped``)."""
+            shuffle_seed: int | None = None, group_by_length: bool = False,
+            order: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in ``order``, else in a seeded order (``shuffle_seed``), else in dataset order;
+    ``group_by_length`` regroups the seeded order into batches of similar length (``length_grouped``)."""
+    if order is not None:
+        for start in range(0, len(order), batch_size):
+            yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
+        return
     order = np.arange(len(enc))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(enc))

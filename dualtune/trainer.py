@@ -114,22 +114,26 @@ def decode(tokenizer, ids: np.ndarray) -> list[str]:
 
 
 def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> tuple[dict, list[dict]]:
-    """Metrics and per-example predictions on the eval split, in dataset order."""
+    """Metrics and per-example predictions on the eval split, in dataset order (the batches are
+    read longest first, ``data.eval_order``, and the predictions put back)."""
     r = prep.recipe
     task = r.model.task
     generate = r.train.generate if generate is None else generate
     tok = prep.tokenizer
     backend.set_training(prep.model, False)
-    total_loss, seen, predictions = 0.0, 0, []
+    total_loss, seen, found = 0.0, 0, []
     bs = r.train.eval_batch_size or r.train.batch_size
+    order = datamap.eval_order(prep.eval, r.data)
     start = 0
-    for np_batch in datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task):
+    for np_batch in datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task, order=order):
         n = len(np_batch["input_ids"])
         batch = backend.to_tensors(np_batch)
         loss, logits = backend.eval_batch(prep.model, batch)
         total_loss += loss * n
         seen += n
-        gold = prep.eval.labels[start: start + n]
+        rows = order[start: start + n]
+        gold = [prep.eval.labels[i] for i in rows]
+        predictions = []
         if task == "classification":
             for g, row in zip(gold, logits):
                 predictions.append({"label": prep.label_names[g], "pred": prep.label_names[int(row.argmax())],
@@ -146,8 +150,10 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
             for g, f, ok, gen in zip(gold, forced, token_exact, generated):
                 predictions.append({"label": prep.label_names[g], "teacher_forced": f,
                                     "teacher_forced_correct": bool(ok), "generated": gen})
+        found.extend(zip(rows.tolist(), predictions))
         start += n
     backend.set_training(prep.model, True)
+    predictions = [p for _, p in sorted(found, key=lambda x: x[0])]
     metrics = {"eval_loss": total_loss / max(1, seen)}
     if task == "classification":
         metrics["accuracy"] = float(np.mean([p["pred"] == p["label"] for p in predictions]))

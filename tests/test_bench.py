@@ -58,7 +58,9 @@ def check_report(report: dict, backend: str) -> None:
 
 @pytest.mark.slow
 def test_bench_torch(tiny_t5, tmp_path):
-    check_report(run_bench("torch", tiny_t5, tmp_path / "bench-torch.json"), "torch")
+    report = run_bench("torch", tiny_t5, tmp_path / "bench-torch.json")
+    check_report(report, "torch")
+    assert report["against"] == "plain HF reference"
 
 
 @pytest.mark.slow
@@ -77,3 +79,24 @@ def test_bench_reference_overrides_apply_to_the_reference_only(tiny_t5, tmp_path
 @pytest.mark.skipif(importlib.util.find_spec("mindnlp") is None, reason="mindnlp is not installed")
 def test_bench_mindspore(tiny_t5, tmp_path):
     check_report(run_bench("mindspore", tiny_t5, tmp_path / "bench-mindspore.json"), "mindspore")
+
+
+@pytest.mark.slow
+@pytest.mark.mindspore
+@pytest.mark.skipif(importlib.util.find_spec("mindnlp") is None, reason="mindnlp is not installed")
+def test_bench_mindspore_against_torch(tiny_t5, tmp_path):
+    """--against torch: both sides are dualtune, so they see the same batches."""
+    report = run_bench("mindspore", tiny_t5, tmp_path / "bench.json", "--against", "torch")
+    check_report(report, "mindspore")
+    assert report["against"] == "dualtune on torch"
+    assert report["reference"]["what"].startswith("dualtune prepare + train (torch)")
+    assert report["dualtune"]["what"].startswith("dualtune prepare + train (mindspore)")
+    assert report["dualtune"]["train_tokens"] == report["reference"]["train_tokens"]
+
+
+def test_bench_against_torch_needs_the_mindspore_backend():
+    proc = subprocess.run([sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--against", "torch"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("bench: error: --against torch compares the mindspore backend "
+                                                    "with torch; add --backend mindspore")

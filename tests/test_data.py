@@ -153,6 +153,19 @@ def test_length_grouping_sorts_within_windows():
     assert sorted(grouped.tolist()) == list(range(100))
 
 
+def test_eval_order_is_longest_first_and_stable_unless_padding_to_max_length(fin_data, t5_tokenizer):
+    data_spec = spec(fin_data, max_rows=None)
+    enc = datamap.encode(datamap.load_rows(data_spec), t5_tokenizer, data_spec, "classification")
+    order = datamap.eval_order(enc, data_spec)
+    keys = [(-len(enc.input_ids[i]), i) for i in order]
+    assert keys == sorted(keys) and sorted(order.tolist()) == list(range(len(enc)))
+    sorted_pad = sum(b["input_ids"].size for b in datamap.batches(enc, 8, 0, data_spec, "classification", order=order))
+    plain_pad = sum(b["input_ids"].size for b in datamap.batches(enc, 8, 0, data_spec, "classification"))
+    assert sorted_pad < 0.8 * plain_pad
+    fixed = spec(fin_data, max_rows=None, padding="max_length")
+    assert datamap.eval_order(enc, fixed).tolist() == list(range(len(enc)))
+
+
 # ---------------------------------------------------------------- split sizes
 
 @pytest.mark.parametrize("n, train_fraction, n_eval", [

@@ -242,3 +242,28 @@ def test_classification_adapter_reloads_in_plain_peft(backend, tiny_bert, fin_da
     assert [p["label"] for p in predictions] == [rows.label_names[i] for i in eval_rows.labels]
     assert [p["pred"] for p in predictions] == [rows.label_names[i] for i in logits.argmax(-1)]
     np.testing.assert_allclose(logits, [p["logits"] for p in predictions], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- evaluation order
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_evaluate_reads_longest_first_and_returns_dataset_order(backend, tiny_t5, tiny_bert, fin_data, kind):
+    """Length-sorted eval batches (padding: longest) give the predictions of fixed-length batches, per row."""
+    def predictions(padding):
+        if kind == "bert":
+            prep = bert_prepared(backend, tiny_bert, fin_data, f"data.padding={padding}")
+        else:
+            prep = t5_prepared(backend, tiny_t5, fin_data, "t5_lora.yaml", f"data.padding={padding}",
+                               "train.generate=true")
+        backend.seed(0)
+        return prep, trainer.evaluate(backend, prep)[1]
+
+    prep, by_length = predictions("longest")
+    _, fixed = predictions("max_length")
+    assert datamap.eval_order(prep.eval, prep.recipe.data).tolist() != list(range(len(prep.eval)))
+    assert [p["label"] for p in by_length] == [prep.label_names[l] for l in prep.eval.labels]
+    if kind == "bert":
+        np.testing.assert_allclose([p["logits"] for p in by_length], [p["logits"] for p in fixed], atol=1e-5)
+    else:
+        assert [(p["teacher_forced"], p["generated"]) for p in by_length] == \
+               [(p["teacher_forced"], p["generated"]) for p in fixed]
