@@ -45,7 +45,7 @@ def activate(device: str) -> None:
     if user_endpoint is None:
         del os.environ["HF_ENDPOINT"]
     if speed:
-        log.info("mindspore CPU settings: %s", ", ".join(settings + cpu_speed.patch_linear()))
+        log.info("mindspore CPU settings: %s", ", ".join([*settings, cpu_speed.patch_linear(), cpu_speed.patch_rms_norms()]))
 
 
 def create(device: str = "cpu"):

@@ -1,8 +1,8 @@
-"""MindSpore settings and one kernel swap that make mindtorch fast on CPU; results do not change.
+"""MindSpore settings and kernel swaps that make mindtorch fast on CPU, same results.
 
 Measured on a 2-core CPU (t5-small config, prefix tuning, batch 8 x 24, one value-and-grad step):
-4.5 s as MindSpore starts, 1.3 s with synchronous kernel launch, 0.66 s with linear layers as
-MatMul as well (BENCHMARKS.md has the runs).
+4.8 s as MindSpore starts, 1.2 s with synchronous kernel launch, 0.62 s with linear layers as
+MatMul as well (BENCHMARKS.md has the runs, and benchmarks/mindspore_cpu_settings.py makes them).
 
 - Kernel launch: PyNative queues each op for a runtime thread; on a few CPU cores that pipeline
   competes with the kernels themselves and every shape or dtype read waits on it. Synchronous
@@ -12,6 +12,10 @@ MatMul as well (BENCHMARKS.md has the runs).
 - Linear layers: mindtorch maps ``F.linear`` to MindSpore's Dense kernel, which on CPU takes
   2.5-3x as long as MatMul with a transposed weight on the same operands ((192, 512) x (512, 512):
   3.0 ms against 1.2 ms). The swap reshapes to 2-D, multiplies, adds the bias.
+- RMS norms (T5, Llama): elementwise ops whose operands broadcast run 25-30x slower than on equal
+  shapes ((8, 128, 512) * (512,): 6.2 ms against 0.25 ms), and T5's norm does two of them. The
+  swap computes the same formula with equal-shape elementwise ops; the mean's sum runs in another
+  order, so results agree to float32 rounding (tests/test_parity.py checks both backends).
 
 Only for ``--device cpu``: Ascend needs the asynchronous pipeline and has its own Dense kernel.
 ``DUALTUNE_MINDSPORE_CPU_SPEED=0`` leaves MindSpore as it starts, to measure what this is worth.
@@ -19,6 +23,7 @@ Only for ``--device cpu``: Ascend needs the asynchronous pipeline and has its ow
 
 from __future__ import annotations
 
+import importlib
 import os
 
 
@@ -30,26 +35,34 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def configure_runtime() -> list[str]:
-    """Before mindnlp is imported: synchronous launch and kernel threads. Returns what was set."""
+def synchronous_launch() -> str:
     import mindspore
 
+    mindspore.runtime.launch_blocking()
+    return "synchronous kernel launch"
+
+
+def kernel_threads() -> str:
     from mindspore.device_context.cpu import op_tuning
 
     threads = cpu_threads()
-    mindspore.runtime.launch_blocking()
     if not op_tuning.RuntimeConf.get_instance().is_op_threads_num_configured():
         op_tuning.threads_num(threads)  # MindSpore refuses a second setting in one process
-    return ["synchronous kernel launch", f"{threads} kernel threads"]
+    return f"{threads} kernel threads"
 
 
-def patch_linear() -> list[str]:
+def configure_runtime() -> list[str]:
+    """Before mindnlp is imported: synchronous launch and kernel threads. Returns what was set."""
+    return [synchronous_launch(), kernel_threads()]
+
+
+def patch_linear() -> str:
     """After mindnlp is imported: mindtorch's CPU ``dense`` as MatMul(transpose_b) + bias."""
     from mindtorch._apis import cpu
     from mindtorch._op_prim.cpu import legacy
 
     if getattr(cpu.dense, "dualtune_matmul", False):
-        return ["linear as MatMul"]
+        return "linear as MatMul"
     dense = cpu.dense
 
     def dense_as_matmul(input, weight, bias=None):
@@ -64,7 +77,51 @@ def patch_linear() -> list[str]:
 
     dense_as_matmul.dualtune_matmul = True
     cpu.dense = dense_as_matmul
-    return ["linear as MatMul"]
+    return "linear as MatMul"
+
+
+# RMS norms written as pow/mean/rsqrt/broadcast mul (each model file has its own copy).
+RMS_NORMS = [
+    ("transformers.models.t5.modeling_t5", "T5LayerNorm"),
+    ("transformers.models.mt5.modeling_mt5", "MT5LayerNorm"),
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+]
+
+
+def patch_rms_norms() -> str:
+    """After mindnlp is imported: float32 RMS norms without broadcasting elementwise kernels.
+
+    ``weight * (x * rsqrt(mean(x * x) + eps))``, with the mean over the last dimension as a matmul
+    by a 1/d column and each broadcast as an outer product with ones (exact: one product, no sum),
+    so every elementwise op has operands of one shape. Other dtypes keep the model's own forward."""
+    import torch  # mindtorch here
+
+    patched = []
+    for module_name, cls_name in RMS_NORMS:
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        if not getattr(cls.forward, "dualtune_rows", False):
+            cls.forward = _rms_norm_by_rows(cls.forward, torch)
+        patched.append(cls_name)
+    return "RMS norms without broadcasts (" + ", ".join(patched) + ")"
+
+
+def _rms_norm_by_rows(model_forward, torch):
+    def forward(self, hidden_states):
+        if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32 or hidden_states.ndim < 2:
+            return model_forward(self, hidden_states)
+        shape, width = hidden_states.shape, hidden_states.shape[-1]
+        rows = hidden_states.reshape(-1, width)
+        device = rows.device
+        mean_square = torch.matmul(rows * rows, torch.full((width, 1), 1.0 / width, device=device))
+        scale = torch.matmul(torch.rsqrt(mean_square + self.variance_epsilon), torch.ones(1, width, device=device))
+        weight = torch.matmul(torch.ones(rows.shape[0], 1, device=device), self.weight.reshape(1, width))
+        return (weight * (rows * scale)).reshape(shape)
+
+    forward.dualtune_rows = True
+    return forward
 
 
 def enabled(device: str) -> bool:
