@@ -1,8 +1,8 @@
 """MindSpore settings and kernel swaps that make mindtorch fast on CPU, same results.
 
-Measured on a 2-core CPU (t5-small config, prefix tuning, batch 8 x 24, one value-and-grad step):
-4.8 s as MindSpore starts, 1.2 s with synchronous kernel launch, 0.62 s with linear layers as
-MatMul as well (BENCHMARKS.md has the runs, and benchmarks/mindspore_cpu_settings.py makes them).
+Measured on a 2-core CPU (t5-small config, one value-and-grad step): prefix tuning at 8 x 24 from
+4.6 s as MindSpore starts to 0.75 s, LoRA at 8 x 128 from 9.3 s to 2.2 s (BENCHMARKS.md has the
+runs, and benchmarks/mindspore_cpu_settings.py makes them).
 
 - Kernel launch: PyNative queues each op for a runtime thread; on a few CPU cores that pipeline
   competes with the kernels themselves and every shape or dtype read waits on it. Synchronous
