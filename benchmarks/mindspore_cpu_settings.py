@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from bench import T5_SMALL_CONFIG  # this directory: the bench's t5-small config
+
 SETTINGS = {  # name -> cpu_speed functions applied, in order
     "as MindSpore starts": [],
     "+ synchronous launch": ["synchronous_launch"],
@@ -48,8 +50,7 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     for name in names:
         if name in AFTER_IMPORT:
             getattr(cpu_speed, name)()
-    config = T5Config(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6,
-                      vocab_size=32128, feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0)
+    config = T5Config(**{**T5_SMALL_CONFIG, "dropout_rate": 0.0})
     torch.manual_seed(0)
     peft_config = (PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=20) if method == "prefix"
                    else LoraConfig(task_type="SEQ_2_SEQ_LM", r=8, target_modules=["q", "v"]))

@@ -295,16 +295,13 @@ def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: st
             order: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches in ``order``, else in a seeded order (``shuffle_seed``), else in dataset order;
     ``group_by_length`` regroups the seeded order into batches of similar length (``length_grouped``)."""
-    if order is not None:
-        for start in range(0, len(order), batch_size):
-            yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
-        return
-    order = np.arange(len(enc))
-    if shuffle_seed is not None:
+    if order is None and shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(enc))
         if group_by_length:
             order = length_grouped(order, [len(x) for x in enc.input_ids], batch_size)
-    for start in range(0, len(enc), batch_size):
+    elif order is None:
+        order = np.arange(len(enc))
+    for start in range(0, len(order), batch_size):
         yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
 
 

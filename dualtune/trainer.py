@@ -121,7 +121,8 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
     generate = r.train.generate if generate is None else generate
     tok = prep.tokenizer
     backend.set_training(prep.model, False)
-    total_loss, seen, found = 0.0, 0, []
+    total_loss, seen = 0.0, 0
+    predictions: list[dict | None] = [None] * len(prep.eval)  # filled in dataset order
     bs = r.train.eval_batch_size or r.train.batch_size
     order = datamap.eval_order(prep.eval, r.data)
     start = 0
@@ -133,11 +134,11 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
         seen += n
         rows = order[start: start + n]
         gold = [prep.eval.labels[i] for i in rows]
-        predictions = []
+        in_batch = []
         if task == "classification":
             for g, row in zip(gold, logits):
-                predictions.append({"label": prep.label_names[g], "pred": prep.label_names[int(row.argmax())],
-                                    "logits": [float(x) for x in row]})
+                in_batch.append({"label": prep.label_names[g], "pred": prep.label_names[int(row.argmax())],
+                                 "logits": [float(x) for x in row]})
         else:
             labels = np_batch["labels"]
             argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
@@ -148,12 +149,12 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
             generated = decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
                 if generate else [None] * n
             for g, f, ok, gen in zip(gold, forced, token_exact, generated):
-                predictions.append({"label": prep.label_names[g], "teacher_forced": f,
-                                    "teacher_forced_correct": bool(ok), "generated": gen})
-        found.extend(zip(rows.tolist(), predictions))
+                in_batch.append({"label": prep.label_names[g], "teacher_forced": f,
+                                 "teacher_forced_correct": bool(ok), "generated": gen})
+        for i, prediction in zip(rows, in_batch):
+            predictions[i] = prediction
         start += n
     backend.set_training(prep.model, True)
-    predictions = [p for _, p in sorted(found, key=lambda x: x[0])]
     metrics = {"eval_loss": total_loss / max(1, seen)}
     if task == "classification":
         metrics["accuracy"] = float(np.mean([p["pred"] == p["label"] for p in predictions]))

@@ -48,14 +48,19 @@ def _bucket_float64(relative_position, bidirectional=True, num_buckets=32, max_d
     return torch.tensor(out, dtype=torch.long, device=relative_position.device)
 
 
+def model_classes(names: list[tuple[str, str]]):
+    """The (module, class) pairs that this transformers version has, as classes."""
+    for module_name, cls_name in names:
+        try:
+            yield getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError):
+            continue
+
+
 def apply() -> list[str]:
     """Install the corrections; returns the names of the patched classes."""
     patched = []
-    for module_name, cls_name in BUCKET_USERS:
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError):
-            continue
+    for cls in model_classes(BUCKET_USERS):
         cls._relative_position_bucket = staticmethod(_bucket_float64)
-        patched.append(cls_name)
+        patched.append(cls.__name__)
     return patched

@@ -23,7 +23,6 @@ Only for ``--device cpu``: Ascend needs the asynchronous pipeline and has its ow
 
 from __future__ import annotations
 
-import importlib
 import os
 
 
@@ -96,15 +95,13 @@ def patch_rms_norms() -> str:
     so every elementwise op has operands of one shape. Other dtypes keep the model's own forward."""
     import torch  # mindtorch here
 
+    from dualtune.backends.mindspore.compat import model_classes
+
     patched = []
-    for module_name, cls_name in RMS_NORMS:
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError):
-            continue
+    for cls in model_classes(RMS_NORMS):
         if not getattr(cls.forward, "dualtune_rows", False):
             cls.forward = _rms_norm_by_rows(cls.forward, torch)
-        patched.append(cls_name)
+        patched.append(cls.__name__)
     return "RMS norms without broadcasts (" + ", ".join(patched) + ")"
 
 
