@@ -45,7 +45,8 @@ def activate(device: str) -> None:
     if user_endpoint is None:
         del os.environ["HF_ENDPOINT"]
     if speed:
-        log.info("mindspore CPU settings: %s", ", ".join([*settings, cpu_speed.patch_linear(), cpu_speed.patch_rms_norms()]))
+        settings += [cpu_speed.patch_linear(), cpu_speed.patch_transposes(), cpu_speed.patch_rms_norms()]
+        log.info("mindspore CPU settings: %s", ", ".join(settings))
 
 
 def create(device: str = "cpu"):
@@ -58,6 +59,22 @@ def create(device: str = "cpu"):
     else:
         log.warning("mindtorch corrections OFF (DUALTUNE_MINDSPORE_COMPAT=0): numbers may differ from torch")
     return _backend_class()(device)
+
+
+def frozen_encoder(model, params):
+    """An encoder-decoder's encoder when no trainable parameter is in it or feeds it, else None.
+
+    Prefix tuning feeds the decoder only (``past_key_values``); prompt tuning and p-tuning feed the
+    encoder through its input embeddings, so they keep it in the gradient."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if get_encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False) and peft_config.peft_type != "PREFIX_TUNING":
+        return None
+    encoder = get_encoder()
+    trainable = {id(p) for p in params}
+    return None if any(id(p) in trainable for p in encoder.parameters()) else encoder
 
 
 def _backend_class():
@@ -86,12 +103,23 @@ def _backend_class():
         def value_and_grad(self, model, params, batch):
             key = (id(model), len(params))
             if key not in self._grad_fns:
-                def loss_fn(input_ids, attention_mask, labels):
-                    return self._forward(model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                 "labels": labels}).loss
+                def loss_fn(input_ids, attention_mask, labels, *encoder_outputs):
+                    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+                    if encoder_outputs:
+                        inputs["encoder_outputs"] = encoder_outputs
+                    return self._forward(model, inputs).loss
 
-                self._grad_fns[key] = value_and_grad(loss_fn, params, attach_grads=False)
-            loss, grads = self._grad_fns[key](batch["input_ids"], batch["attention_mask"], batch["labels"])
+                self._grad_fns[key] = (value_and_grad(loss_fn, params, attach_grads=False),
+                                       frozen_encoder(model, params))
+            grad_fn, encoder = self._grad_fns[key]
+            encoder_outputs = ()
+            if encoder is not None:
+                # MindSpore differentiates every op it records, needed or not (torch skips ops
+                # whose inputs need no gradient): keep a frozen encoder out of the recording.
+                with torch.no_grad():
+                    encoder_outputs = (encoder(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).last_hidden_state,)
+            loss, grads = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], *encoder_outputs)
             # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
             return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
 

@@ -60,3 +60,68 @@ def test_rms_norm_by_rows_matches_the_formula(ms, kind):
     norm.weight = torch.nn.Parameter(torch.tensor(w))
     expected = w * (x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6))
     np.testing.assert_allclose(norm(torch.tensor(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _value_and_grads(fn, *arrays):
+    """fn's value and its gradients with respect to each array, through mindtorch."""
+    import torch
+    from mindtorch.autograd import value_and_grad
+
+    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float32)) for a in arrays]
+    value, grads = value_and_grad(lambda *_: fn(*params), params, attach_grads=False)()
+    return value, [g.asnumpy() for g in grads]
+
+
+@pytest.mark.parametrize("how", ["transpose(1, 2)", "permute(0, 2, 1, 3)", "permute(2, 0, 1, 3)", "swapaxes(0, 1)"])
+def test_transposes_keeping_the_last_axis_are_row_gathers_with_gradients(ms, how):
+    from mindtorch._apis import cpu
+
+    assert getattr(cpu.transpose_view, "dualtune_rows", False)
+    rng = np.random.default_rng(2)
+    x, w = rng.normal(size=(2, 5, 3, 4)), rng.normal(size=(2, 5, 3, 4))
+    name, args = how.split("(")
+    axes = tuple(int(a) for a in args.rstrip(")").split(","))
+    perm = list(range(4))
+    if name in ("transpose", "swapaxes"):
+        perm[axes[0]], perm[axes[1]] = perm[axes[1]], perm[axes[0]]
+    else:
+        perm = list(axes)
+    weight = w.transpose(perm)
+
+    def moved(t):
+        out = getattr(t, name)(*axes)
+        assert out.is_contiguous()  # gathered, not a strided view
+        return out
+
+    import torch
+
+    out = moved(torch.tensor(x, dtype=torch.float32))
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.float32).transpose(perm))
+    # d(sum(w' * moved(x)))/dx = w' moved back
+    value, (grad,) = _value_and_grads(lambda t: (moved(t) * torch.tensor(weight, dtype=torch.float32)).sum(), x)
+    assert float(value) == pytest.approx(float((x.transpose(perm) * weight).sum()), rel=1e-5)
+    np.testing.assert_allclose(grad, w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (5, 4)])
+def test_matmul_by_a_transposed_view_with_gradients(ms, shape):
+    import torch
+
+    rng = np.random.default_rng(3)
+    q, k = rng.normal(size=shape), rng.normal(size=shape[:-2] + (6, shape[-1]))
+    out = torch.matmul(torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32).transpose(-1, -2))
+    np.testing.assert_allclose(out.numpy(), q @ np.swapaxes(k, -1, -2), rtol=1e-5, atol=1e-5)
+    # d(sum(q k^T))/dq = row sums of k, broadcast; d/dk = row sums of q
+    _, (grad_q, grad_k) = _value_and_grads(lambda a, b: torch.matmul(a, b.transpose(-1, -2)).sum(), q, k)
+    np.testing.assert_allclose(grad_q, np.broadcast_to(k.sum(-2, keepdims=True), q.shape), rtol=1e-5)
+    np.testing.assert_allclose(grad_k, np.broadcast_to(q.sum(-2, keepdims=True), k.shape), rtol=1e-5)
+
+
+def test_transposes_of_strided_views_and_of_the_last_axis_stay_views(ms):
+    import torch
+
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    twice = torch.tensor(x).transpose(0, 1).transpose(-1, -2)  # a view of a gathered tensor
+    np.testing.assert_array_equal(twice.numpy(), x.transpose(1, 0, 2).transpose(0, 2, 1))
+    moved = torch.tensor(x).permute(2, 0, 1)  # last axis moves: a view
+    np.testing.assert_array_equal((moved * 2).numpy(), x.transpose(2, 0, 1) * 2)

@@ -13,7 +13,8 @@ import pytest
 from dualtune.backend import BackendError, get_backend
 from dualtune.optim import adamw_reference, clip_scale
 from dualtune.recipe import OptimSpec
-from helpers import DEMO_METHODS, RECIPES, assert_moved_exactly, dualtune_cli, prepared, snapshot, steps_on_one_batch
+from helpers import (DEMO_METHODS, RECIPES, assert_moved_exactly, dualtune_cli, first_batch, prepared, snapshot,
+                     steps_on_one_batch)
 
 T5_METHODS = {
     # method: (recipe, overrides, expected trainable parameter count for the tiny T5)
@@ -150,3 +151,35 @@ def test_offline_demo_beats_majority_on_mindspore(tmp_path, method):
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["accuracy"] >= final["majority_class_accuracy"] + 0.15, final
     assert final["last_loss"] < final["first_loss"]
+
+
+# Which encoders stay out of MindSpore's gradient recording: frozen, and not fed by a prompt.
+FROZEN_ENCODER_CASES = {
+    "prefix": ("t5_prefix.yaml", [], True),
+    "lora": ("t5_lora.yaml", [], False),
+    "lora on the decoder only": ("t5_lora.yaml", ["peft.lora.target_modules=[EncDecAttention.q]"], True),
+    "prompt": ("t5_lora.yaml", ["peft.method=prompt"], False),
+    "p_tuning": ("t5_lora.yaml", ["peft.method=p_tuning"], False),
+    "bitfit": ("t5_bitfit.yaml", [], False),
+}
+
+
+@pytest.mark.parametrize("case", list(FROZEN_ENCODER_CASES))
+def test_frozen_encoder_gives_the_same_loss_and_gradients(ms, tiny_t5, fin_data, monkeypatch, case):
+    import dualtune.backends.mindspore as backend_module
+
+    recipe, extra, frozen = FROZEN_ENCODER_CASES[case]
+    prep = prepared(ms, recipe, f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", *extra)
+    assert (backend_module.frozen_encoder(prep.model, prep.params) is not None) == frozen
+    batch = first_batch(ms, prep)
+    ms.set_training(prep.model, False)
+    ms._grad_fns.clear()
+    loss, grads = ms.value_and_grad(prep.model, prep.params, batch)
+    ms._grad_fns.clear()
+    monkeypatch.setattr(backend_module, "frozen_encoder", lambda model, params: None)
+    whole_loss, whole_grads = ms.value_and_grad(prep.model, prep.params, batch)
+    ms._grad_fns.clear()
+    assert ms.to_float(loss) == ms.to_float(whole_loss)
+    assert any(np.abs(ms.to_numpy(g)).max() > 0 for g in grads)
+    for g, w in zip(grads, whole_grads):
+        np.testing.assert_allclose(ms.to_numpy(g), ms.to_numpy(w), rtol=1e-6, atol=1e-9)
