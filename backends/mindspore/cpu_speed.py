@@ -1,7 +1,7 @@
 """MindSpore settings and kernel swaps that make mindtorch fast on CPU, same results.
 
-Measured on a 2-core CPU (t5-small config, one value-and-grad step): prefix tuning at 8 x 24 from
-4.6 s as MindSpore starts to 0.75 s, LoRA at 8 x 128 from 9.3 s to 2.2 s (BENCHMARKS.md has the
+Measured on a 2-core CPU (t5-small config, one value-and-grad step): prefix tuning at 8 x 25 from
+4.2 s as MindSpore starts to 0.45 s, LoRA at 8 x 128 from 7.6 s to 1.7 s (BENCHMARKS.md has the
 runs, and benchmarks/mindspore_cpu_settings.py makes them).
 
 - Kernel launch: PyNative queues each op for a runtime thread; on a few CPU cores that pipeline
@@ -16,6 +16,10 @@ runs, and benchmarks/mindspore_cpu_settings.py makes them).
   shapes ((8, 128, 512) * (512,): 6.2 ms against 0.25 ms), and T5's norm does two of them. The
   swap computes the same formula with equal-shape elementwise ops; the mean's sum runs in another
   order, so results agree to float32 rounding (tests/test_parity.py checks both backends).
+- Transposes: mindtorch's transpose is a strided view, and the kernel that next needs it
+  contiguous copies it element by element (4-6 ms for (8, 128, 8, 64), four per attention layer).
+  The swap gathers whole rows instead, and multiplies by a last-two-axes transpose with
+  ``transpose_b``. A gathered transpose is a copy: in-place writes to it do not reach its source.
 
 Only for ``--device cpu``: Ascend needs the asynchronous pipeline and has its own Dense kernel.
 ``DUALTUNE_MINDSPORE_CPU_SPEED=0`` leaves MindSpore as it starts, to measure what this is worth.
@@ -169,7 +173,7 @@ def patch_transposes() -> str:
 
 def _permuted(input, perm, as_view):
     ndim = input.ndim
-    if perm == tuple(range(ndim)) or not input.is_contiguous():
+    if perm == tuple(range(ndim)) or input.numel() == 0 or not input.is_contiguous():
         return as_view()
     if perm[-1] == ndim - 1:
         return _row_gather()(input, perm)

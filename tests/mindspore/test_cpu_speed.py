@@ -125,3 +125,5 @@ def test_transposes_of_strided_views_and_of_the_last_axis_stay_views(ms):
     np.testing.assert_array_equal(twice.numpy(), x.transpose(1, 0, 2).transpose(0, 2, 1))
     moved = torch.tensor(x).permute(2, 0, 1)  # last axis moves: a view
     np.testing.assert_array_equal((moved * 2).numpy(), x.transpose(2, 0, 1) * 2)
+    empty = torch.zeros(2, 0, 3, 4).transpose(1, 2)  # nothing to gather
+    assert tuple(empty.shape) == (2, 3, 0, 4)
