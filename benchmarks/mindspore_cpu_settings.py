@@ -39,7 +39,7 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     os.environ.setdefault("GLOG_v", "3")
     import mindspore
 
-    from dualtune.backends.mindspore import cpu_speed, frozen_encoder
+    from dualtune.backends.mindspore import cpu_speed, encoder_outputs, frozen_encoder
 
     mindspore.set_device("CPU")
     for name in names:
@@ -71,12 +71,7 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     seconds = []
     for _ in range(1 + steps):  # the first is a warm-up
         started = time.perf_counter()
-        if encoder is None:
-            loss, _ = step()
-        else:
-            with torch.no_grad():
-                hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            loss, _ = step(hidden)
+        loss, _ = step(*(() if encoder is None else encoder_outputs(encoder, ids, mask)))
         float(loss)
         seconds.append(time.perf_counter() - started)
     print(json.dumps({"seconds": seconds[1:], "loss": float(loss)}))

@@ -77,6 +77,15 @@ def frozen_encoder(model, params):
     return None if any(id(p) in trainable for p in encoder.parameters()) else encoder
 
 
+def encoder_outputs(encoder, input_ids, attention_mask) -> tuple:
+    """A frozen encoder's hidden states, computed outside the gradient recording: MindSpore
+    differentiates every op it records, needed or not (torch skips ops that need no gradient)."""
+    import torch  # mindtorch here
+
+    with torch.no_grad():
+        return (encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
+
+
 def _backend_class():
     # Defined after activation: its module-level `import torch` must resolve to mindtorch.
     import mindspore
@@ -112,14 +121,8 @@ def _backend_class():
                 self._grad_fns[key] = (value_and_grad(loss_fn, params, attach_grads=False),
                                        frozen_encoder(model, params))
             grad_fn, encoder = self._grad_fns[key]
-            encoder_outputs = ()
-            if encoder is not None:
-                # MindSpore differentiates every op it records, needed or not (torch skips ops
-                # whose inputs need no gradient): keep a frozen encoder out of the recording.
-                with torch.no_grad():
-                    encoder_outputs = (encoder(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).last_hidden_state,)
-            loss, grads = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], *encoder_outputs)
+            hidden = () if encoder is None else encoder_outputs(encoder, batch["input_ids"], batch["attention_mask"])
+            loss, grads = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], *hidden)
             # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
             return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
 

@@ -146,8 +146,9 @@ def patch_transposes() -> str:
     from mindtorch._apis import cpu
     from mindtorch._op_prim.cpu import legacy
 
+    done = "transposes as row gathers"
     if getattr(cpu.transpose_view, "dualtune_rows", False):
-        return "transposes as row gathers"
+        return done
     view_transpose, view_permute, matmul = cpu.transpose_view, cpu.permute, cpu.matmul
 
     def transpose_view(input, dim0, dim1):
@@ -168,7 +169,7 @@ def patch_transposes() -> str:
 
     transpose_view.dualtune_rows = True
     cpu.transpose_view, cpu.permute, cpu.matmul = transpose_view, permute, matmul_of_transposed
-    return "transposes as row gathers"
+    return done
 
 
 def _permuted(input, perm, as_view):
