@@ -39,13 +39,15 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     os.environ.setdefault("GLOG_v", "3")
     import mindspore
 
-    from dualtune.backends.mindspore import cpu_speed, encoder_outputs, frozen_encoder
+    from dualtune.backends.mindspore import cpu_speed
 
     mindspore.set_device("CPU")
     for name in names:
         if name not in (*AFTER_IMPORT, "frozen_encoder"):
             getattr(cpu_speed, name)()
     import mindnlp  # noqa: F401  (import torch -> mindtorch)
+
+    from dualtune.backends.mindspore.step import encoder_outputs, frozen_encoder
     import numpy as np
     import torch
     from mindtorch.autograd import value_and_grad

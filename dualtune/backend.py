@@ -1,12 +1,20 @@
-"""The seam between the core and a framework.
+"""The seam between the core and a framework, in two levels.
 
-A backend supplies only what a framework must: tensors, model loading, applying the PEFT spec, a
-value-and-grad step, the optimizer update, generation and saving. The core (recipe, data, schedule,
-loop, evaluation, run directory) talks to it through this interface and never imports a framework.
+``FrameworkStep`` is what a new framework writes: its device, seeding (and the generators' state for
+checkpoints), numpy batches to tensors, the value-and-grad step, clipping, and AdamW (state, update,
+and the state as numpy for checkpoints).
+``Backend`` is everything the core calls: the framework step plus the model-level work (loading,
+applying the PEFT method, evaluation, generation, saving). For Hugging Face models that model-level
+work is written once, through the torch API, in ``dualtune.backends.hf`` (it runs on PyTorch and,
+through mindnlp's torch shim, on MindSpore), so a framework whose models are Hugging Face's
+subclasses ``HFBackend`` and supplies only the ``FrameworkStep`` methods: see
+``dualtune/backends/torch/step.py`` (about 60 lines) and ARCHITECTURE.md.
 
-Choosing a backend is process-wide: mindnlp redirects ``import torch`` to its MindSpore shim for the
-rest of the process, so the backend is activated before transformers is imported and only one
-backend can be active per process.
+Every framework package (``dualtune.backends.<name>``) has a module-level ``create(device)`` that
+activates the framework in this process and returns its backend. Choosing a backend is
+process-wide: mindnlp redirects ``import torch`` to its MindSpore shim for the rest of the process,
+so the backend is activated before transformers is imported and only one backend can be active per
+process.
 """
 
 from __future__ import annotations
@@ -15,115 +23,159 @@ import importlib
 import os
 import sys
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from dualtune.errors import BackendError
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "FrameworkStep", "get_backend", "torch_flavour"]
+
 BACKENDS = ("torch", "mindspore")
-_active: "Backend | None" = None
+_active: Backend | None = None
+
+Tensor = Any  # a framework tensor; the core never looks inside one
+Batch = dict[str, Tensor]
 
 
-class BackendError(RuntimeError):
-    """A backend that cannot be used as asked; the message is one line meant for the user."""
+class FrameworkStep(ABC):
+    """What a framework must supply. The core calls these in this order each optimizer step:
+    ``to_tensors`` (numpy batch in), ``value_and_grad``, ``clip_grads``, ``apply_update``."""
 
-
-class Backend(ABC):
-    name: str
-    device: str
-
-    # -- tensors and randomness
-    @abstractmethod
-    def seed(self, seed: int) -> None: ...
+    name: str    # "torch", "mindspore": the --backend value
+    device: str  # the --device value this backend was created for ("cpu", "cuda:0", "ascend")
 
     @abstractmethod
-    def to_tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]: ...
+    def seed(self, seed: int) -> None:
+        """Seed every random generator the framework draws from (initialisation, dropout), so that
+        the same seed gives the same run."""
 
     @abstractmethod
-    def to_numpy(self, tensor) -> np.ndarray: ...
+    def rng_state(self) -> dict[str, np.ndarray]:
+        """The state of every generator ``seed`` seeds, as numpy arrays (for a checkpoint); restoring
+        it with ``set_rng_state`` makes the following dropout masks the same as without a stop."""
 
-    def to_float(self, tensor) -> float:
+    @abstractmethod
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore generators from ``rng_state`` of this same framework."""
+
+    @abstractmethod
+    def to_tensors(self, batch: dict[str, np.ndarray]) -> Batch:
+        """A numpy batch (int64 ``input_ids``, ``attention_mask`` and usually ``labels``) as tensors
+        on this backend's device, same keys."""
+
+    @abstractmethod
+    def value_and_grad(self, model: Any, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
+        """The loss of ``model`` on ``batch`` (a scalar tensor) and its gradients with respect to
+        ``params``, in the same order. Nothing else is updated or accumulated."""
+
+    @abstractmethod
+    def clip_grads(self, grads: list[Tensor], max_norm: float | None) -> tuple[list[Tensor], float]:
+        """Global-norm clipping by torch's rule (``dualtune.optim.clip_scale``): the clipped
+        gradients and the norm before clipping. ``max_norm`` None: no clipping, norm still computed."""
+
+    @abstractmethod
+    def make_optimizer(self, params: list[Tensor], optim_spec: Any) -> Any:
+        """AdamW state for ``params`` (zero moments, step 0); an opaque object the core passes back
+        to ``apply_update``. The arithmetic is ``dualtune.optim.adamw_reference``."""
+
+    @abstractmethod
+    def apply_update(self, optimizer: Any, grads: list[Tensor], lr: float) -> None:
+        """One AdamW step on the parameters with learning rate ``lr`` (the core's schedule)."""
+
+    @abstractmethod
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """AdamW's state as numpy, for a framework-neutral checkpoint: ``{"step": int, "exp_avg":
+        [array per param], "exp_avg_sq": [array per param]}`` (torch.optim.AdamW's names)."""
+
+    @abstractmethod
+    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None:
+        """Overwrite ``optimizer`` (from ``make_optimizer``) with ``state`` as ``optimizer_state``
+        returns it, possibly written by another framework."""
+
+
+class Backend(FrameworkStep):
+    """Everything the core calls. ``dualtune.backends.hf.HFBackend`` implements all but the
+    ``FrameworkStep`` methods for Hugging Face models."""
+
+    # -- tensors
+    @abstractmethod
+    def to_numpy(self, tensor: Tensor) -> np.ndarray: ...
+
+    def to_float(self, tensor: Tensor) -> float:
         """A scalar tensor as a Python float, exactly (mindtorch's float() rounds to 6 digits)."""
         return float(self.to_numpy(tensor).item())
 
     # -- model
     @abstractmethod
-    def load_tokenizer(self, model_spec): ...
+    def load_tokenizer(self, model_spec: Any) -> Any: ...
 
     @abstractmethod
-    def load_model(self, model_spec, label_names: Sequence[str], tokenizer): ...
+    def load_model(self, model_spec: Any, label_names: Sequence[str], tokenizer: Any) -> Any: ...
 
     @abstractmethod
-    def apply_peft(self, model, peft_spec, task: str, seed: int): ...
+    def apply_peft(self, model: Any, peft_spec: Any, task: str, seed: int) -> Any:
+        """``model`` with the recipe's method applied (seeded); only the method's tensors (and a
+        classification head) stay trainable."""
 
     @abstractmethod
-    def trainable_parameters(self, model) -> list[tuple[str, Any]]: ...
+    def trainable_parameters(self, model: Any) -> list[tuple[str, Tensor]]: ...
 
     @abstractmethod
-    def parameter_count(self, model) -> int: ...
+    def parameter_count(self, model: Any) -> int: ...
 
     @abstractmethod
-    def set_training(self, model, training: bool) -> None: ...
+    def set_training(self, model: Any, training: bool) -> None:
+        """Train mode (dropout on) or eval mode; the core uses ``dualtune.evaluation.eval_mode``."""
 
     @abstractmethod
-    def disable_dropout(self, model) -> int:
+    def disable_dropout(self, model: Any) -> int:
         """Dropout off everywhere (returns how many modules); for runs two backends must match."""
 
     @abstractmethod
-    def set_class_weights(self, model, weights: np.ndarray | None) -> None:
+    def set_class_weights(self, model: Any, weights: np.ndarray | None) -> None:
         """Classification loss becomes class-weighted cross-entropy (torch's weighted mean), or plain."""
 
     @abstractmethod
-    def trainable_state(self, model) -> dict[str, np.ndarray]:
+    def trainable_state(self, model: Any) -> dict[str, np.ndarray]:
         """Every trainable tensor by name, as numpy copies."""
 
     @abstractmethod
-    def assign_trainable(self, model, state: dict[str, np.ndarray]) -> None:
+    def assign_trainable(self, model: Any, state: dict[str, np.ndarray]) -> None:
         """Overwrite the trainable tensors with ``state`` (as returned by ``trainable_state``)."""
-
-    # -- the training step: the loop calls these three in order
-    @abstractmethod
-    def value_and_grad(self, model, params: list, batch: dict) -> tuple[Any, list]:
-        """Loss of ``model`` on ``batch`` and its gradients w.r.t. ``params`` (same order).
-        Nothing else is updated or accumulated."""
-
-    @abstractmethod
-    def clip_grads(self, grads: list, max_norm: float | None) -> tuple[list, float]:
-        """Global-norm clipping (torch's rule); returns the clipped grads and the norm before."""
-
-    @abstractmethod
-    def make_optimizer(self, params: list, optim_spec):
-        """AdamW state for ``params``; see ``dualtune.optim.adamw_reference`` for the math."""
-
-    @abstractmethod
-    def apply_update(self, optimizer, grads: list, lr: float) -> None:
-        """One AdamW step with learning rate ``lr``."""
 
     # -- evaluation
     @abstractmethod
-    def eval_batch(self, model, batch: dict) -> tuple[float, np.ndarray]:
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[float | None, np.ndarray]:
         """(mean loss, logits as numpy) without gradients; the loss is None when ``batch`` has no labels."""
 
     @abstractmethod
-    def generate(self, model, batch: dict, max_new_tokens: int) -> np.ndarray:
+    def generate(self, model: Any, batch: Batch, max_new_tokens: int) -> np.ndarray:
         """Greedy decoding; token ids as numpy (seq2seq)."""
+
+    @abstractmethod
+    def activations(self, model: Any, batch: Batch) -> dict[str, np.ndarray]:
+        """Each module's output on ``batch`` (eval mode), by module name, plus ``logits``."""
 
     # -- saving and loading
     @abstractmethod
-    def save(self, model, directory: str, peft_spec, exact: bool = False) -> None:
+    def save(self, model: Any, directory: Path, peft_spec: Any, exact: bool = False) -> None:
         """Adapters in Hugging Face PEFT format (full fine-tuning: the whole model). ``exact`` also
         writes every trainable tensor as it is, so training can restart from the directory."""
 
     @abstractmethod
-    def load_weights(self, model, directory: str, peft_spec) -> None:
+    def load_weights(self, model: Any, directory: Path, peft_spec: Any) -> None:
         """Overwrite the method's weights in ``model`` with those ``save`` wrote to ``directory``."""
 
     @abstractmethod
-    def activations(self, model, batch: dict) -> dict[str, np.ndarray]:
-        """Each module's output on ``batch`` (eval mode), by module name, plus ``logits``."""
+    def load_trained(self, model_spec: Any, label_names: Sequence[str], tokenizer: Any, peft_spec: Any,
+                     directory: Path) -> Any:
+        """The base model with the weights saved by ``save``, ready for evaluation."""
 
     @abstractmethod
-    def load_trained(self, model_spec, label_names: Sequence[str], tokenizer, peft_spec, directory: str):
-        """The base model with the weights saved by ``save``, ready for evaluation."""
+    def save_tiny_model(self, kind: str, directory: Path, vocab_texts: Sequence[str], seed: int = 0) -> None:
+        """A tiny random model of ``kind`` (``dualtune.tiny.TINY_KINDS``) and its tokenizer."""
 
 
 def torch_flavour() -> str | None:
@@ -132,10 +184,6 @@ def torch_flavour() -> str | None:
     if module is None:
         return "mindtorch" if "mindnlp" in sys.modules else None
     return "mindtorch" if "mindtorch" in (getattr(module, "__file__", None) or "") else "torch"
-
-
-def active_backend() -> "Backend | None":
-    return _active
 
 
 def get_backend(name: str | None = None, device: str = "cpu") -> Backend:
@@ -151,5 +199,6 @@ def get_backend(name: str | None = None, device: str = "cpu") -> Backend:
                 f"process of its own (mindnlp takes over `import torch` for the whole process)")
         return _active
     module = importlib.import_module(f"dualtune.backends.{name}")
-    _active = module.create(device)
-    return _active
+    backend: Backend = module.create(device)
+    _active = backend
+    return backend

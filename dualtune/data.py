@@ -16,16 +16,13 @@ from typing import Iterator
 
 import numpy as np
 
+from dualtune.errors import DataError
 from dualtune.recipe import DataSpec
 
 FPB_REPO = "takala/financial_phrasebank"
 FPB_ZIP = "data/FinancialPhraseBank-v1.0.zip"
 FPB_CONFIGS = {"sentences_allagree": "AllAgree", "sentences_75agree": "75Agree",
                "sentences_66agree": "66Agree", "sentences_50agree": "50Agree"}
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message is one line meant for the user."""
 
 
 @dataclass

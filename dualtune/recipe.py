@@ -14,11 +14,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dualtune.errors import RecipeError
 from dualtune.metrics import AVERAGES
-
-
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used; the message is one line meant for the user."""
 
 
 class _Strict(BaseModel):

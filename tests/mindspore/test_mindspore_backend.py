@@ -166,7 +166,7 @@ FROZEN_ENCODER_CASES = {
 
 @pytest.mark.parametrize("case", list(FROZEN_ENCODER_CASES))
 def test_frozen_encoder_gives_the_same_loss_and_gradients(ms, tiny_t5, fin_data, monkeypatch, case):
-    import dualtune.backends.mindspore as backend_module
+    import dualtune.backends.mindspore.step as backend_module
 
     recipe, extra, frozen = FROZEN_ENCODER_CASES[case]
     prep = prepared(ms, recipe, f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", *extra)

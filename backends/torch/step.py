@@ -1,0 +1,77 @@
+"""PyTorch's FrameworkStep: autograd, torch's own AdamW (foreach), global-norm clipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dualtune.backends.hf.backend import HFBackend
+
+
+class TorchBackend(HFBackend):
+    name = "torch"
+
+    @property
+    def torch_device(self):
+        return torch.device(self.device)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def rng_state(self):
+        state = {"cpu": torch.get_rng_state().numpy().copy()}
+        if torch.cuda.is_available() and self.device.startswith("cuda"):
+            state["cuda"] = torch.cuda.get_rng_state(self.torch_device).numpy().copy()
+        return state
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["cpu"], dtype=np.uint8)))
+        if "cuda" in state and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)), self.torch_device)
+
+    def to_tensors(self, batch):
+        return {k: torch.from_numpy(v).to(self.torch_device) for k, v in batch.items()}
+
+    def value_and_grad(self, model, params, batch):
+        for p in params:
+            p.grad = None
+        loss = self._forward(model, batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in params]
+
+    def clip_grads(self, grads, max_norm):
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if max_norm is not None:
+            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(scale)
+        return grads, float(norm)
+
+    def make_optimizer(self, params, optim_spec):
+        return torch.optim.AdamW(params, lr=optim_spec.lr, betas=tuple(optim_spec.betas), eps=optim_spec.eps,
+                                 weight_decay=optim_spec.weight_decay, foreach=True)
+
+    def apply_update(self, optimizer, grads, lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, g in zip(optimizer.param_groups[0]["params"], grads):
+            p.grad = g
+        optimizer.step()
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = None
+
+    def optimizer_state(self, optimizer):
+        params = optimizer.param_groups[0]["params"]
+        states = [optimizer.state.get(p, {}) for p in params]
+        step = int(states[0]["step"]) if states and "step" in states[0] else 0
+        moments = {key: [self.to_numpy(s[key]).copy() if key in s else np.zeros(tuple(p.shape), np.float32)
+                         for p, s in zip(params, states)] for key in ("exp_avg", "exp_avg_sq")}
+        return {"step": step, **moments}
+
+    def load_optimizer_state(self, optimizer, state):
+        params = optimizer.param_groups[0]["params"]
+        for i, p in enumerate(params):
+            optimizer.state[p] = {
+                "step": torch.tensor(float(state["step"]), dtype=torch.float32),
+                "exp_avg": torch.tensor(state["exp_avg"][i], device=p.device),
+                "exp_avg_sq": torch.tensor(state["exp_avg_sq"][i], device=p.device)}
