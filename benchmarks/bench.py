@@ -7,7 +7,7 @@
 Two sides, each in a child process of its own (so peak RSS is per side, and mindnlp never shares a
 process with real torch), on the same model weights, data, batch size and sequence lengths:
 
-* ``dualtune``: ``dualtune.trainer.prepare`` + ``dualtune.trainer.train`` (the real loop, with
+* ``dualtune``: ``dualtune.prepare.prepare`` + ``dualtune.trainer.train`` (the real loop, with
   ``train.max_steps`` = warm-up + N and in-loop evaluation switched off), then greedy
   ``backend.generate`` (seq2seq) or ``backend.eval_batch`` + argmax (classification) over N eval
   batches in dataset order.
@@ -156,27 +156,21 @@ def child_make_model(kind: str, out_dir: str, seed: int = 0) -> None:
 
 # ====================================================================== child: the dualtune side
 
-class _TimedBackend:
-    """The backend as ``train`` sees it, plus a clock: ``train`` calls ``to_tensors`` once per step
-    (the batch: counted) and ``to_float`` once per step, after the update (the step's end)."""
+def step_clock():
+    """A loop callback that notes when each step ends (the loss has been read: the step is done)
+    and its tokens."""
+    from dualtune.callbacks import Callback
 
-    def __init__(self, backend):
-        self._backend = backend
-        self.step_ends: list[float] = []
-        self.step_tokens: list[int] = []
+    class StepClock(Callback):
+        def __init__(self):
+            self.step_ends: list[float] = []
+            self.step_tokens: list[int] = []
 
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
+        def on_step_end(self, state, record):
+            self.step_ends.append(time.perf_counter())
+            self.step_tokens.append(record["tokens"])
 
-    def to_tensors(self, batch):
-        self.step_tokens.append(count_tokens(batch["attention_mask"], batch["labels"])
-                                if batch["labels"].ndim == 2 else int(batch["attention_mask"].sum()))
-        return self._backend.to_tensors(batch)
-
-    def to_float(self, tensor):
-        value = self._backend.to_float(tensor)
-        self.step_ends.append(time.perf_counter())
-        return value
+    return StepClock()
 
 
 def child_dualtune(cfg: dict, side: str = "dualtune") -> dict:
@@ -188,20 +182,20 @@ def child_dualtune(cfg: dict, side: str = "dualtune") -> dict:
 
         torch.set_num_threads(cfg["threads"])
     from dualtune import data as datamap
-    from dualtune.trainer import prepare, train
+    from dualtune.prepare import prepare
+    from dualtune.trainer import train
 
     total = cfg["steps"] + WARMUP_STEPS
     # train.max_steps bounds the run; an int eval_every that is never reached keeps evaluation out.
     recipe = load_bench_recipe(cfg, [f"train.max_steps={total}", "train.eval_every=1000000000"], side)
     prep = prepare(recipe, backend)
     rss = {"setup": peak_rss_mb()}
-    per_epoch = datamap.num_batches(len(prep.train), recipe.train.batch_size)
+    per_epoch = datamap.num_batches(len(prep.train_set), recipe.train.batch_size)
     prep.recipe.train.epochs = max(recipe.train.epochs, math.ceil(total / per_epoch))
-    timed = _TimedBackend(backend)
-    records = train(timed, prep, run=None, progress=False)
+    timed = step_clock()
+    records, _ = train(backend, prep, [timed])
     if len(records) != total or len(timed.step_ends) != total:
-        raise BenchError(f"dualtune ran {len(records)} steps with {len(timed.step_ends)} loss reads, expected "
-                         f"{total} of each (the clock assumes train() calls backend.to_float once per step)")
+        raise BenchError(f"dualtune ran {len(records)} steps, the clock saw {len(timed.step_ends)}; expected {total}")
     train_seconds = timed.step_ends[-1] - timed.step_ends[WARMUP_STEPS - 1]
     step_seconds = [b - a for a, b in zip(timed.step_ends[WARMUP_STEPS - 1:], timed.step_ends[WARMUP_STEPS:])]
     train_tokens = sum(timed.step_tokens[WARMUP_STEPS:])
@@ -215,10 +209,10 @@ def child_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     # over that order (the longest one is the warm-up), not just its longest few; full batches only.
     import numpy as np
 
-    order = datamap.eval_order(prep.eval, r.data)
+    order = datamap.eval_order(prep.eval_set, r.data)
     starts = range(0, max(1, len(order) - bs + 1), bs)
     picked = sorted({starts[round(k)] for k in np.linspace(0, len(starts) - 1, WARMUP_EVAL_BATCHES + cfg["eval_batches"])})
-    it = datamap.batches(prep.eval, bs, tok.pad_token_id, r.data, task,
+    it = datamap.batches(prep.eval_set, bs, tok.pad_token_id, r.data, task,
                          order=np.concatenate([order[a: a + bs] for a in picked]))
     for i, np_batch in enumerate(it):
         if i == WARMUP_EVAL_BATCHES:
@@ -240,7 +234,7 @@ def child_dualtune(cfg: dict, side: str = "dualtune") -> dict:
             "eval_samples": samples, "eval_seconds": eval_seconds,
             "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
             "trainable_parameters": sum(prep.trainable.values()), "total_parameters": prep.total_params,
-            "train_batch_shape": list(datamap.collate(prep.train, range(r.train.batch_size),
+            "train_batch_shape": list(datamap.collate(prep.train_set, range(r.train.batch_size),
                                                       tok.pad_token_id, r.data, task)["input_ids"].shape)}
 
 

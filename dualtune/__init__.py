@@ -4,10 +4,10 @@ The core (this package) imports no framework; ``dualtune.backend.get_backend(nam
 
     from dualtune.backend import get_backend
     from dualtune.recipe import load_recipe
-    from dualtune.trainer import run_recipe
+    from dualtune.runner import run_recipe
 
     recipe = load_recipe("recipes/t5_lora.yaml", ["optim.lr=3e-4"])
-    run_recipe(recipe, get_backend("torch"), "runs/t5-lora")
+    run_recipe(recipe, get_backend("torch"))  # -> runs/t5_lora-torch
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place; pyproject.toml reads it

@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from dualtune.backend import BACKENDS, BackendError
-from dualtune.data import DataError
-from dualtune.recipe import RecipeError
+from dualtune.backend import BACKENDS
+from dualtune.errors import DataError, UserError
+from dualtune.rundir import RunInterrupted
 from dualtune.tiny import TINY_KINDS
 
 log = logging.getLogger("dualtune")
@@ -22,8 +22,15 @@ overrides are key=value pairs on the recipe's dotted keys, read as YAML:
 
 the run directory (train.output_dir, default runs/{recipe}-{backend}) receives recipe.yaml,
 metrics.jsonl, final_metrics.json, predictions.jsonl, classification_report.json,
-confusion_matrix.png, trainable.json, run.log and adapter/ (peft format). It is written aside and
-moved into place only when the run succeeds."""
+confusion_matrix.png, trainable.json, run.log, adapter/ (peft format) and checkpoints/. It is
+written aside and moved into place only when the run succeeds. dualtune replaces only a finished
+run of its own, and only with --overwrite; any other folder or file at the path is refused.
+
+interrupted runs: SIGTERM, SIGHUP or Ctrl-C finish the current step, write a checkpoint and exit
+(143, 129, 130); train.save_every=N also checkpoints every N steps. Continue with the same command
+and --resume (on either backend):
+  dualtune run recipes/t5_lora.yaml --backend torch train.save_every=50
+  dualtune run recipes/t5_lora.yaml --backend torch train.save_every=50 --resume"""
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:
@@ -48,12 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=3e-4")
     _backend_arg(run)
     run.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the output directory if it holds a finished dualtune run (never anything else)")
+    run.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint: RUN_DIR, or by default the "
+                          "unfinished run of the output directory (<dir>.failed, <dir>.partial-PID)")
+    run.add_argument("--no-progress", action="store_true", help="progress lines instead of a bar")
 
     ev = sub.add_parser("eval", help="evaluate a run directory on either backend",
                         description="Evaluate RUN_DIR's adapter on its recipe's eval split, on either "
                                     "backend (whichever trained it). Writes RUN_DIR/eval/BACKEND/.")
     ev.add_argument("run_dir")
+    ev.add_argument("--checkpoint", metavar="DIR",
+                    help="evaluate this checkpoint (RUN_DIR/checkpoints/step-N) instead of the final adapter; "
+                         "also for unfinished runs")
     _backend_arg(ev)
 
     pred = sub.add_parser("predict", help="label new text with a run directory's adapter",
@@ -119,13 +134,15 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_run(args) -> int:
     from dualtune.backend import get_backend
     from dualtune.recipe import load_recipe
-    from dualtune.trainer import run_recipe
+    from dualtune.runner import check_output, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = args.output_dir or recipe.train.output_dir.format(recipe=recipe.name, backend=args.backend)
+    # Everything about the output is checked before a framework loads: a refusal costs a second.
+    out = check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
-    run_recipe(recipe, backend, out, progress=not args.no_progress and sys.stderr.isatty())
+    run_recipe(recipe, backend, out, progress=False if args.no_progress else None, overwrite=args.overwrite,
+               resume=args.resume)
     log.info("run directory: %s", out)
     return 0
 
@@ -141,21 +158,17 @@ def _cmd_tiny(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import json
-
     from dualtune.backend import get_backend
     from dualtune.metrics import format_classification_report
-    from dualtune.trainer import evaluate_run
+    from dualtune.runner import check_finished, evaluate_run
 
-    if not (Path(args.run_dir) / "recipe.yaml").is_file():
-        raise BackendError(f"{args.run_dir}: not a run directory (no recipe.yaml)")
+    check_finished(args.run_dir, args.checkpoint)  # before loading a framework
     backend = get_backend(args.backend, args.device)
-    metrics, _ = evaluate_run(args.run_dir, backend)
-    for k, v in metrics.items():
+    out, evaluation = evaluate_run(args.run_dir, backend, args.checkpoint)
+    for k, v in evaluation.metrics.items():
         print(f"{k}: {v:.6g}")
-    out = Path(args.run_dir) / "eval" / backend.name
     print()
-    print(format_classification_report(json.loads((out / "classification_report.json").read_text())))
+    print(format_classification_report(evaluation.report))
     log.info("written to %s/", out)
     return 0
 
@@ -164,9 +177,10 @@ def _cmd_predict(args) -> int:
     import json
 
     from dualtune.backend import get_backend
-    from dualtune.predict import check_run_dir, predict, read_texts
+    from dualtune.predict import predict, read_texts
+    from dualtune.runner import check_finished
 
-    check_run_dir(args.run_dir)  # before loading a framework: bad input fails at once
+    check_finished(args.run_dir)  # before loading a framework: bad input fails at once
     texts = read_texts(args.texts, args.file)
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: expected 1 or more")
@@ -220,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
     try:
         return commands[args.command](args)
-    except (RecipeError, DataError, BackendError) as err:
+    except UserError as err:
         print(f"dualtune: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"dualtune: {stop}{where}; continue with the same command and --resume", file=sys.stderr)
+        return 128 + stop.signum
     except FloatingPointError as err:  # the loop's "loss is nan at step N; lower optim.lr ..."
         print(f"dualtune: error: {err}", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ class Side:
 
 
 def _run(backend: str, recipe: str, overrides: list[str], out: Path) -> None:
-    cmd = [sys.executable, "-m", "dualtune.cli", "run", recipe, "--backend", backend, "--no-progress",
+    cmd = [sys.executable, "-m", "dualtune.cli", "run", recipe, "--backend", backend, "--no-progress", "--overwrite",
            "--output-dir", str(out / backend), *overrides]
     print(f"compare: training on {backend} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -223,15 +223,20 @@ def split_rows(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows
     return take(order[: n - n_eval]), take(order[n - n_eval:])
 
 
+def encode_texts(texts: list[str], tokenizer, spec: DataSpec) -> list[list[int]]:
+    """Input token ids, truncated to ``data.max_length``, unpadded (training, evaluation, predict)."""
+    return [list(x) for x in tokenizer(list(texts), truncation=True, max_length=spec.max_length)["input_ids"]]
+
+
 def encode(rows: Rows, tokenizer, spec: DataSpec, task: str) -> Encoded:
     """Tokenize once, without padding (padding happens per batch)."""
-    input_ids = tokenizer(rows.texts, truncation=True, max_length=spec.max_length)["input_ids"]
+    input_ids = encode_texts(rows.texts, tokenizer, spec)
     if task == "seq2seq":
         words = [rows.label_names[l] for l in rows.labels]
         targets = tokenizer(words, truncation=True, max_length=spec.label_max_length)["input_ids"]
     else:
         targets = list(rows.labels)
-    return Encoded([list(x) for x in input_ids], targets, list(rows.labels), list(rows.texts))
+    return Encoded(input_ids, targets, list(rows.labels), list(rows.texts))
 
 
 def _pad(seqs: list[list[int]], value: int, length: int) -> np.ndarray:
@@ -241,11 +246,14 @@ def _pad(seqs: list[list[int]], value: int, length: int) -> np.ndarray:
     return out
 
 
-def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[str, np.ndarray]:
-    ids = [enc.input_ids[i] for i in idx]
+def collate_inputs(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask``, padded as ``data.padding`` says (no labels: predict)."""
     length = spec.max_length if spec.padding == "max_length" else max(len(s) for s in ids)
-    batch = {"input_ids": _pad(ids, pad_id, length),
-             "attention_mask": _pad([[1] * len(s) for s in ids], 0, length)}
+    return {"input_ids": _pad(ids, pad_id, length), "attention_mask": _pad([[1] * len(s) for s in ids], 0, length)}
+
+
+def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[str, np.ndarray]:
+    batch = collate_inputs([enc.input_ids[i] for i in idx], pad_id, spec)
     if task == "seq2seq":
         tgt = [enc.targets[i] for i in idx]
         tlen = spec.label_max_length if spec.padding == "max_length" else max(len(t) for t in tgt)
@@ -287,15 +295,22 @@ def eval_order(enc: Encoded, spec: DataSpec) -> np.ndarray:
     return np.argsort([-len(x) for x in enc.input_ids], kind="stable")
 
 
+def shuffled_order(enc: Encoded, batch_size: int, seed: int, group_by_length: bool = False) -> np.ndarray:
+    """A seeded permutation of ``enc``'s rows (identical on every backend), regrouped into batches of
+    similar length when ``group_by_length`` (``length_grouped``)."""
+    order = np.random.default_rng(seed).permutation(len(enc))
+    if group_by_length:
+        order = length_grouped(order, [len(x) for x in enc.input_ids], batch_size)
+    return order
+
+
 def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: str,
             shuffle_seed: int | None = None, group_by_length: bool = False,
             order: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches in ``order``, else in a seeded order (``shuffle_seed``), else in dataset order;
     ``group_by_length`` regroups the seeded order into batches of similar length (``length_grouped``)."""
     if order is None and shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(enc))
-        if group_by_length:
-            order = length_grouped(order, [len(x) for x in enc.input_ids], batch_size)
+        order = shuffled_order(enc, batch_size, shuffle_seed, group_by_length)
     elif order is None:
         order = np.arange(len(enc))
     for start in range(0, len(order), batch_size):

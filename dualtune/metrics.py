@@ -13,6 +13,11 @@ OTHER = "(other)"
 AVERAGES = ("precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted")
 
 
+def better(metric: str, a: float, b: float) -> bool:
+    """Is ``a`` strictly better than ``b`` (eval_loss falls, every other metric rises)?"""
+    return a < b if metric == "eval_loss" else a > b
+
+
 def classification_report(gold: list[str], pred: list[str], label_names: list[str]) -> dict:
     """Scores over ``label_names`` (absent classes included, at 0 when undefined), as plain JSON."""
     from sklearn import metrics as skm

@@ -9,18 +9,8 @@ import numpy as np
 
 from dualtune import data as datamap
 from dualtune.backend import Backend
-from dualtune.data import DataError
-from dualtune.trainer import decode
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` if it holds a recipe and a trained adapter (checked before a backend is loaded)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise DataError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    if not (run_dir / "adapter").is_dir():
-        raise DataError(f"{run_dir}: no adapter/ (not a finished run)")
-    return run_dir
+from dualtune.errors import DataError
+from dualtune.evaluation import decode, eval_mode
 
 
 def read_texts(texts: list[str], file: str | Path | None = None) -> list[str]:
@@ -60,29 +50,27 @@ def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size:
     ``batch_size`` defaults to the run's evaluation batch size."""
     from dualtune.recipe import load_recipe
 
-    run_dir = check_run_dir(run_dir)
+    from dualtune.runner import check_finished
+
+    run_dir = check_finished(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
     task = recipe.model.task
     names = label_names(recipe) if task == "classification" else list(recipe.data.label_names or [])
     tok = backend.load_tokenizer(recipe.model)
     model = backend.load_trained(recipe.model, names, tok, recipe.peft, run_dir / "adapter")
-    backend.set_training(model, False)
     bs = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size
-    # Tokenized and padded as evaluation does (data.encode, data.collate); no labels: nothing to score.
-    ids = tok(list(texts), truncation=True, max_length=recipe.data.max_length)["input_ids"]
-    enc = datamap.Encoded([list(x) for x in ids], [0] * len(ids), [0] * len(ids), list(texts))
-    out = []
-    for start in range(0, len(enc), bs):
-        idx = range(start, min(start + bs, len(enc)))
-        np_batch = datamap.collate(enc, idx, tok.pad_token_id, recipe.data, "classification")
-        del np_batch["labels"]
-        batch = backend.to_tensors(np_batch)
-        if task == "classification":
-            _, logits = backend.eval_batch(model, batch)
-            for i, row, p in zip(idx, logits, softmax(logits)):
-                out.append({"text": enc.texts[i], "label": names[int(row.argmax())],
-                            "scores": {n: float(x) for n, x in zip(names, p)}})
-        else:
-            decoded = decode(tok, backend.generate(model, batch, recipe.data.label_max_length))
-            out += [{"text": enc.texts[i], "label": t} for i, t in zip(idx, decoded)]
+    ids = datamap.encode_texts(texts, tok, recipe.data)  # as evaluation tokenizes and pads
+    out: list[dict] = []
+    with eval_mode(backend, model):
+        for start in range(0, len(ids), bs):
+            chunk = texts[start: start + bs]
+            batch = backend.to_tensors(datamap.collate_inputs(ids[start: start + bs], tok.pad_token_id, recipe.data))
+            if task == "classification":
+                _, logits = backend.eval_batch(model, batch)
+                for text, row, p in zip(chunk, logits, softmax(logits)):
+                    out.append({"text": text, "label": names[int(row.argmax())],
+                                "scores": {n: float(x) for n, x in zip(names, p)}})
+            else:
+                decoded = decode(tok, backend.generate(model, batch, recipe.data.label_max_length))
+                out += [{"text": text, "label": label} for text, label in zip(chunk, decoded)]
     return out

@@ -167,6 +167,14 @@ class TrainSpec(_Strict):
     # Keep the adapter from the evaluation with the best value of this metric (eval_loss is
     # minimised, the rest maximised); None keeps the last. Evaluations then run in full.
     best_metric: Optional[str] = None
+    # Checkpoints (checkpoints/step-N/: trainable tensors, AdamW state, loop position, RNG) every N
+    # steps and at each evaluation; what `dualtune run --resume` continues from. None: only when a
+    # signal stops the run.
+    save_every: Optional[int] = Field(default=None, ge=1)
+    keep_checkpoints: Optional[int] = Field(default=2, ge=1)  # the newest N (and the best); None: all
+    # Stop when best_metric has not improved for this many evaluations in a row.
+    early_stopping_patience: Optional[int] = Field(default=None, ge=1)
+    overwrite: bool = False  # replace output_dir if it holds a finished run (never anything else)
     save_initial: bool = False       # also write adapter_init/: the weights before step 1
     dump_activations: bool = False   # write activations.safetensors: module outputs on one batch
 
@@ -193,6 +201,8 @@ class Recipe(_Strict):
         metric = self.train.best_metric
         if metric is not None and metric not in TASK_METRICS[task]:
             raise ValueError(f"train.best_metric {metric!r}: expected one of {', '.join(TASK_METRICS[task])}")
+        if self.train.early_stopping_patience is not None and metric is None:
+            raise ValueError("train.early_stopping_patience needs train.best_metric (what must improve)")
         if task == "seq2seq" and metric == "exact_match" and not self.train.generate:
             raise ValueError("train.best_metric exact_match needs train.generate=true")
         return self

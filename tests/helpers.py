@@ -10,7 +10,7 @@ import numpy as np
 
 from dualtune import data as datamap
 from dualtune.recipe import load_recipe
-from dualtune.trainer import prepare
+from dualtune.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -76,7 +76,7 @@ def snapshot(backend, model) -> dict[str, np.ndarray]:
 
 def first_batch(backend, prep) -> dict:
     r = prep.recipe
-    np_batch = next(datamap.batches(prep.train, r.train.batch_size, prep.tokenizer.pad_token_id, r.data,
+    np_batch = next(datamap.batches(prep.train_set, r.train.batch_size, prep.tokenizer.pad_token_id, r.data,
                                     r.model.task, shuffle_seed=r.train.seed))
     return backend.to_tensors(np_batch)
 

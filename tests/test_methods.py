@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dualtune import data as datamap
-from dualtune import trainer
+from dualtune import prepare as trainer
 from dualtune.data import DataError
 from dualtune.recipe import load_recipe
 from helpers import METHOD_CASES, RECIPES, assert_method_trains_exactly, dualtune_cli, method_overrides
@@ -87,7 +87,7 @@ def test_weighted_loss_equals_hand_computation(backend, tiny_bert, fin_data):
     weights = [0.5, 2.0, 1.25]
     recipe, overrides = method_overrides("bert", "prompt", tiny_bert, fin_data)
     prep = prepare(backend, "minilm_demo.yaml", [*overrides, f"loss.class_weights={weights}"])
-    np_batch = next(datamap.batches(prep.train, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification"))
+    np_batch = next(datamap.batches(prep.train_set, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification"))
     backend.set_training(prep.model, False)
     loss, logits = backend.eval_batch(prep.model, backend.to_tensors(np_batch))
     assert len(set(np_batch["labels"].tolist())) > 1  # the weights matter

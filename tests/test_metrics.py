@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from sklearn import metrics as skm
 
-from dualtune import trainer
+from dualtune import evaluation
 from dualtune.metrics import (OTHER, classification_report, format_classification_report,
                               save_confusion_png)
 from torch_helpers import RECIPES, run_cli_parallel
@@ -100,11 +100,11 @@ def test_summary_of_seq2seq_predictions():
             # decodes to the label, but a token is off ([pad, neutral]): wrong, as teacher_forced_accuracy says
             {"label": "neutral", "teacher_forced": "neutral", "teacher_forced_correct": False, "generated": None},
             {"label": "positive", "teacher_forced": "negative", "teacher_forced_correct": False, "generated": None}]
-    forced = trainer.classification_summary(_prep("seq2seq"), rows)
+    forced = evaluation.classification_summary(_prep("seq2seq"), rows)
     assert forced["predicted_from"] == "teacher_forced" and forced["accuracy"] == pytest.approx(1 / 3)
     assert forced["confusion_matrix"] == [[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
     generated = [{**r, "generated": g} for r, g in zip(rows, ["negative", "neutral", "positive!"])]
-    gen = trainer.classification_summary(_prep("seq2seq"), generated)
+    gen = evaluation.classification_summary(_prep("seq2seq"), generated)
     assert gen["predicted_from"] == "generated" and gen["accuracy"] == pytest.approx(2 / 3)
     assert gen["confusion_matrix"] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
 

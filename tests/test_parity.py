@@ -99,7 +99,8 @@ def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
 
     from dualtune.backend import get_backend
     from dualtune.recipe import load_recipe
-    from dualtune.trainer import Prepared, evaluate, prepare_data
+    from dualtune.evaluation import evaluate
+    from dualtune.prepare import Prepared, prepare_data
 
     out, _ = compared[case]
     run = out / "mindspore"
@@ -114,7 +115,7 @@ def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
         base.config.pad_token_id = tokenizer.pad_token_id  # Llama: eos, as the recipe says
     model = PeftModel.from_pretrained(base, str(run / "adapter"))  # plain peft, nothing of dualtune
     assert isinstance(model.base_model, torch.nn.Module)
-    metrics, preds = evaluate(backend, Prepared(recipe, tokenizer, names, enc_train, enc_eval, model, []))
+    preds = evaluate(backend, Prepared(recipe, tokenizer, names, enc_train, enc_eval, model, [])).predictions
     saved = _predictions(run / "predictions.jsonl")
     assert len(preds) == len(saved) > 0
     if recipe.model.task == "seq2seq":

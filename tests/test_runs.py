@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dualtune import data as datamap
-from dualtune import trainer
+from dualtune import runner
 from dualtune.data import DataError
 from dualtune.recipe import load_recipe
 from torch_helpers import RECIPES, run_cli_parallel, teacher_forced_strings, torch_backend
@@ -85,7 +85,7 @@ def test_run_directory(t5_runs, tiny_t5, fin_data, method):
 
     predictions = read_jsonl(run / "predictions.jsonl")
     assert len(predictions) == 20
-    assert all(set(p) == {"label", "teacher_forced", "teacher_forced_correct", "generated"} for p in predictions)
+    assert all(set(p) == {"text", "label", "teacher_forced", "teacher_forced_correct", "generated"} for p in predictions)
     assert final["teacher_forced_accuracy"] == np.mean([p["teacher_forced_correct"] for p in predictions])
     # token-exact implies the decoded text is the label; the reverse need not hold ([pad, label])
     assert all(p["teacher_forced"] == p["label"] for p in predictions if p["teacher_forced_correct"])
@@ -188,7 +188,7 @@ def test_bad_data_run_leaves_good_run_untouched(t5_runs, tiny_t5, tmp_path):
     bad.write_bytes(b"Sales rose 5 % .@positive\nThe company is based in Espoo .@neutral\nno label here\n")
     recipe = load_recipe(RECIPES / "t5_prefix.yaml", [f"model.name_or_path={tiny_t5}", f"data.source={bad}"])
     with pytest.raises(DataError) as err:
-        trainer.run_recipe(recipe, torch_backend(), good, progress=False)
+        runner.run_recipe(recipe, torch_backend(), good, progress=False, overwrite=True)
     assert str(err.value) == f"{bad}:3: expected 'sentence@label', got 'no label here'"
     assert tree(good) == before
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

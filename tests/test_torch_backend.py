@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dualtune import data as datamap
-from dualtune import trainer
+from dualtune import evaluation, runner, trainer
+from dualtune import prepare as preparation
 from dualtune.recipe import load_recipe
 from helpers import assert_moved_exactly, snapshot
 from torch_helpers import RECIPES, torch_backend
@@ -27,7 +28,7 @@ def backend():
 
 def prepare(backend, recipe_file: str, *overrides: str):
     recipe = load_recipe(RECIPES / recipe_file, list(overrides))
-    return trainer.prepare(recipe, backend)
+    return preparation.prepare(recipe, backend)
 
 
 def t5_prepared(backend, tiny_t5, fin_data, recipe_file, *overrides):
@@ -62,7 +63,7 @@ def linears(model, suffixes) -> dict[str, torch.nn.Linear]:
 
 def assert_one_step_moves_exactly(backend, prep):
     before = snapshot(backend, prep.model)
-    records = trainer.train(backend, prep, progress=False)
+    records, _ = trainer.train(backend, prep)
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
     assert_moved_exactly(before, snapshot(backend, prep.model), prep.trainable)
     trainable = set(prep.trainable)
@@ -222,7 +223,7 @@ def test_classification_adapter_reloads_in_plain_peft(backend, tiny_bert, fin_da
     recipe = load_recipe(RECIPES / "minilm_demo.yaml", [
         f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
         f"peft.method={method}", "optim.lr=1e-2", "train.epochs=2"])
-    run = trainer.run_recipe(recipe, backend, tmp_path / method, progress=False)
+    run = runner.run_recipe(recipe, backend, tmp_path / method, progress=False)
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
 
     model = PeftModel.from_pretrained(base_bert(tiny_bert), run / "adapter").eval()
@@ -256,12 +257,12 @@ def test_evaluate_reads_longest_first_and_returns_dataset_order(backend, tiny_t5
             prep = t5_prepared(backend, tiny_t5, fin_data, "t5_lora.yaml", f"data.padding={padding}",
                                "train.generate=true")
         backend.seed(0)
-        return prep, trainer.evaluate(backend, prep)[1]
+        return prep, evaluation.evaluate(backend, prep).predictions
 
     prep, by_length = predictions("longest")
     _, fixed = predictions("max_length")
-    assert datamap.eval_order(prep.eval, prep.recipe.data).tolist() != list(range(len(prep.eval)))
-    assert [p["label"] for p in by_length] == [prep.label_names[l] for l in prep.eval.labels]
+    assert datamap.eval_order(prep.eval_set, prep.recipe.data).tolist() != list(range(len(prep.eval_set)))
+    assert [p["label"] for p in by_length] == [prep.label_names[l] for l in prep.eval_set.labels]
     if kind == "bert":
         np.testing.assert_allclose([p["logits"] for p in by_length], [p["logits"] for p in fixed], atol=1e-5)
     else:

@@ -8,8 +8,10 @@ Imported by ``create`` after activation: its ``import torch`` must resolve to mi
 from __future__ import annotations
 
 import math
+import random
 
 import mindspore
+import mindtorch.nn.functional as mindtorch_functional
 import numpy as np
 import torch  # mindtorch here
 from mindtorch.autograd import value_and_grad
@@ -40,6 +42,102 @@ def encoder_outputs(encoder, input_ids, attention_mask) -> tuple:
     with torch.no_grad():
         return (encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
 
+
+class DropoutRNG:
+    """Where dropout masks come from on this backend, on every device: mask number ``calls`` of a run
+    is drawn on the host from ``numpy.random.default_rng([seed, calls])``, so the whole state is two
+    integers.
+
+    mindtorch's own dropout cannot be seeded. On CPU (and, by its code, GPU) it runs MindSpore's
+    ``Dropout`` primitive with ``Seed0 = Seed1 = 0``, and that kernel seeds itself
+    (``std::random_device``): after ``mindspore.set_seed`` and ``torch.manual_seed`` two processes
+    still draw different masks (measured on CPU). Where mindtorch does pass a seed (Ascend), it takes
+    (seed, offset) from its default generator's ``_step``, which under MindSpore 2.7 never advances
+    (measured on CPU: the offset stays 0), so it could not vary the masks either."""
+
+    def __init__(self):
+        self.seed, self.calls = 0, 0
+
+    def manual_seed(self, seed: int) -> None:
+        self.seed, self.calls = int(seed), 0
+
+    def keep_scale(self, shape: tuple, p: float) -> np.ndarray:
+        """The next mask, already scaled: 0 with probability ``p``, else 1 / (1 - p) (float32)."""
+        rng = np.random.default_rng([self.seed, self.calls])
+        self.calls += 1
+        keep = rng.random(shape, dtype=np.float32) >= p
+        return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p) if p < 1 else 0.0)
+
+    def get_state(self) -> np.ndarray:
+        return np.array([self.seed, self.calls], dtype=np.uint64)
+
+    def set_state(self, state) -> None:
+        self.seed, self.calls = (int(v) for v in np.asarray(state, dtype=np.uint64))
+
+
+DROPOUT_RNG = DropoutRNG()
+
+
+def seeded_dropout(input, p=0.5, training=True, inplace=False):
+    """``torch.nn.functional.dropout`` with its masks from ``DROPOUT_RNG`` (drawn on the host and
+    multiplied in, so the gradient is the same mask)."""
+    if not training or p == 0:
+        return input
+    keep = DROPOUT_RNG.keep_scale(tuple(input.shape), float(p))
+    mask = torch.tensor(keep, dtype=input.dtype, device=input.device)
+    out = input * mask
+    if inplace:
+        input.copy_(out)
+        return input
+    return out
+
+
+seeded_dropout.dualtune_seeded = True
+
+
+def install_seeded_dropout() -> None:
+    """Route mindtorch's dropout through ``seeded_dropout``. The patch goes on mindtorch's own module:
+    ``torch.nn.functional`` is a proxy that forwards reads to it but keeps writes to itself.
+    ``nn.Dropout`` (transformers' dropouts, peft's LoRA dropout) and mindtorch's
+    ``scaled_dot_product_attention`` look ``dropout`` up there at call time, transformers through
+    the proxy; nothing imports the name itself."""
+    if not getattr(mindtorch_functional.dropout, "dualtune_seeded", False):
+        mindtorch_functional.dropout = seeded_dropout
+
+
+def _mt_words(keys, pos: int, has_gauss: int, gauss: float) -> np.ndarray:
+    """A Mersenne Twister state as one uint32 array: 624 key words, position, has-gauss flag and
+    the cached gaussian (a float64 as two words)."""
+    extra = np.array([pos, has_gauss], dtype=np.uint32)
+    gauss_words = np.array([gauss], dtype=np.float64).view(np.uint32)
+    return np.concatenate([np.asarray(keys, dtype=np.uint32), extra, gauss_words])
+
+
+def _mt_unwords(words) -> tuple[np.ndarray, int, int, float]:
+    words = np.ascontiguousarray(words, dtype=np.uint32)
+    return words[:624], int(words[624]), int(words[625]), float(words[626:628].view(np.float64)[0])
+
+
+def numpy_state() -> np.ndarray:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return _mt_words(keys, pos, has_gauss, gauss)
+
+
+def set_numpy_state(words) -> None:
+    keys, pos, has_gauss, gauss = _mt_unwords(words)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, gauss))
+
+
+def python_state() -> np.ndarray:
+    _, internal, gauss = random.getstate()  # version 3: 624 key words and the position
+    return _mt_words(internal[:624], internal[624], gauss is not None, gauss or 0.0)
+
+
+def set_python_state(words) -> None:
+    keys, pos, has_gauss, gauss = _mt_unwords(words)
+    random.setstate((3, (*(int(k) for k in keys), pos), gauss if has_gauss else None))
+
+
 class MindSporeBackend(HFBackend):
     name = "mindspore"
 
@@ -52,14 +150,24 @@ class MindSporeBackend(HFBackend):
         return DEVICES[self.device][1]
 
     def seed(self, seed: int) -> None:
+        # numpy's and Python's global generators (mindtorch's CPU normal_ initialisation draws from
+        # numpy), MindSpore's own op seeds
         mindspore.set_seed(seed)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # mindtorch's default generator: uniform_ initialisation (LoRA A), randperm
+        DROPOUT_RNG.manual_seed(seed)  # dropout, which mindtorch cannot seed (see DropoutRNG)
+        install_seeded_dropout()
 
     def rng_state(self):
-        return {"mindtorch": self.to_numpy(torch.get_rng_state()).copy()}
+        # The default generator's state is a bare MindSpore tensor (no mindtorch device): asnumpy().
+        return {"mindtorch": torch.get_rng_state().asnumpy().copy(), "dropout": DROPOUT_RNG.get_state(),
+                "numpy": numpy_state(), "python": python_state()}
 
     def set_rng_state(self, state):
-        torch.set_rng_state(torch.tensor(np.asarray(state["mindtorch"])))
+        torch.set_rng_state(mindspore.Tensor(np.asarray(state["mindtorch"], dtype=np.uint8)))
+        DROPOUT_RNG.set_state(state["dropout"])
+        set_numpy_state(state["numpy"])
+        set_python_state(state["python"])
+        install_seeded_dropout()
 
     def to_tensors(self, batch):
         return {k: torch.tensor(v, dtype=torch.long, device=self.torch_device) for k, v in batch.items()}
