@@ -365,14 +365,14 @@ def check_finished(run_dir: str | Path, checkpoint: str | Path | None = None) ->
             raise RunDirError(f"--checkpoint {path}: not a checkpoint (no state.json and trainable.safetensors)")
         return run_dir
     marker = read_marker(run_dir)
-    status = marker.get("status") if marker else ("finished" if (run_dir / "final_metrics.json").is_file()
-                                                   else "unfinished")
-    if status != "finished":
+    if marker is None and not (run_dir / "final_metrics.json").is_file():
+        raise RunDirError(f"{run_dir}: not a finished run (no final_metrics.json)")
+    if marker is not None and marker.get("status") != "finished":
         ckpt = latest_checkpoint(run_dir)
         hint = f"evaluate its checkpoint on purpose with --checkpoint {ckpt}" if ckpt else "it has no checkpoint"
-        step = f" at step {marker['step']}" if marker and marker.get("step") else ""
-        raise RunDirError(f"{run_dir}: an unfinished run ({status}{step}), whose adapter/ is a mid-training "
-                          f"snapshot; resume it with dualtune run RECIPE --resume {run_dir}, or {hint}")
+        step = f" at step {marker['step']}" if marker.get("step") else ""
+        raise RunDirError(f"{run_dir}: an unfinished run ({marker.get('status')}{step}), whose adapter/ is a "
+                          f"mid-training snapshot; resume it with dualtune run RECIPE --resume {run_dir}, or {hint}")
     if not (run_dir / "adapter").is_dir():
         raise RunDirError(f"{run_dir}: no adapter/ (not a finished run)")
     return run_dir

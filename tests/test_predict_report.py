@@ -96,6 +96,7 @@ def test_predict_errors(tmp_path):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "recipe.yaml").write_text("name: x\n")
+    (run / "final_metrics.json").write_text("{}\n")
     half = tmp_path / "half"
     half.mkdir()
     (half / "recipe.yaml").write_text("name: x\n")
@@ -109,7 +110,7 @@ def test_predict_errors(tmp_path):
         (str(run), "--file", str(tmp_path / "nope.txt")): f"dualtune: error: {tmp_path / 'nope.txt'}: no such file",
         (str(run), "--file", str(latin)): f"dualtune: error: {latin}: not UTF-8 text (byte 20)",
         (str(tmp_path / "missing"), "text"): f"dualtune: error: {tmp_path / 'missing'}: not a run directory (no recipe.yaml)",
-        (str(half), "text"): f"dualtune: error: {half}: no adapter/ (not a finished run)",
+        (str(half), "text"): f"dualtune: error: {half}: not a finished run (no final_metrics.json)",
         (str(run), "text", "--batch-size", "0"): "dualtune: error: --batch-size 0: expected 1 or more",
     }
     for args, line in cases.items():
