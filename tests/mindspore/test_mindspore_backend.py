@@ -37,8 +37,10 @@ def test_torch_after_mindspore_is_refused(ms):
         get_backend("torch")
     assert str(err.value) == ("the mindspore backend is already active in this process; torch needs a "
                               "process of its own (mindnlp takes over `import torch` for the whole process)")
+    from dualtune.backends import torch as torch_backend
+
     with pytest.raises(BackendError, match="the torch backend cannot start: MindSpore"):
-        import dualtune.backends.torch  # noqa: F401
+        torch_backend.create("cpu")
 
 
 @pytest.mark.parametrize("method", list(T5_METHODS))
@@ -132,7 +134,7 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data, recipe):
                  f"data.source={fin_data}", "data.max_rows=80", "train.max_steps=6", "optim.lr=1e-2",
                  "train.batch_size=4", "--output-dir", str(out))
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "classification_report.json", "confusion_matrix.png", "final_metrics.json", "metrics.jsonl",
+        ".dualtune-run", "adapter", "classification_report.json", "confusion_matrix.png", "final_metrics.json", "metrics.jsonl",
         "predictions.jsonl", "recipe.yaml", "run.log", "trainable.json"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
     final = json.loads((out / "final_metrics.json").read_text())
