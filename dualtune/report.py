@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from dualtune.data import DataError
+from dualtune.errors import RunDirError
+from dualtune.rundir import read_marker
 
 FORMATS = ("text", "markdown", "csv")
 # (key, text/markdown header, format for text and markdown; csv writes the raw value)
@@ -35,13 +36,13 @@ CSV_KEYS = ["run", "backend", "method", "task", "metric", "score", "f1_macro", "
 
 def _read(path: Path, loader):
     if not path.is_file():
-        raise DataError(f"{path.parent}: not a finished run (no {path.name})")
+        raise RunDirError(f"{path.parent}: not a finished run (no {path.name})")
     try:
         value = loader(path.read_text())
     except (ValueError, yaml.YAMLError) as err:
-        raise DataError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+        raise RunDirError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
     if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a mapping")
+        raise RunDirError(f"{path}: expected a mapping")
     return value
 
 
@@ -53,17 +54,21 @@ def main_metric(task: str, final: dict) -> str:
 
 
 def run_row(run_dir: str | Path) -> dict:
-    """One run's row; DataError if ``run_dir`` is not a finished run."""
+    """One run's row; RunDirError if ``run_dir`` is not a finished run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DataError(f"{run_dir}: no such directory")
+        raise RunDirError(f"{run_dir}: no such directory")
+    marker = read_marker(run_dir)
+    if marker is not None and marker.get("status") != "finished":
+        step = f" at step {marker['step']}" if marker.get("step") else ""
+        raise RunDirError(f"{run_dir}: an unfinished run ({marker.get('status')}{step}); report reads finished runs")
     final = _read(run_dir / "final_metrics.json", json.loads)
     trainable = _read(run_dir / "trainable.json", json.loads)
     recipe = _read(run_dir / "recipe.yaml", yaml.safe_load)
     task = (recipe.get("model") or {}).get("task")
     metric = main_metric(task, final)
     if metric not in final:
-        raise DataError(f"{run_dir / 'final_metrics.json'}: no {metric}")
+        raise RunDirError(f"{run_dir / 'final_metrics.json'}: no {metric}")
     n_train = trainable.get("trainable", final.get("trainable_parameters"))
     total = trainable.get("total", final.get("total_parameters"))
     return {"run": run_dir.resolve().name, "backend": final.get("backend"),
