@@ -32,6 +32,7 @@ class Prepared:
     params: list
     trainable: dict[str, int] = field(default_factory=dict)
     total_params: int = 0
+    class_weights: np.ndarray | None = None  # the loss's per-class weights (loss.class_weights)
 
 
 def prepare_data(recipe: Recipe, backend: Backend) -> tuple[Any, list[str], datamap.Encoded, datamap.Encoded]:
@@ -55,11 +56,12 @@ def prepare(recipe: Recipe, backend: Backend) -> Prepared:
         log.info("adapter initialised from %s", recipe.peft.init_from)
     if not recipe.train.dropout:
         log.info("dropout off in %d modules", backend.disable_dropout(model))
-    backend.set_class_weights(model, class_weights(recipe, enc_train.labels, label_names))
+    weights = class_weights(recipe, enc_train.labels, label_names)
+    backend.set_class_weights(model, weights)
     named = backend.trainable_parameters(model)
     prepared = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model,
                         [p for _, p in named], {n: int(p.numel()) for n, p in named},
-                        backend.parameter_count(model))
+                        backend.parameter_count(model), weights)
     report_trainable(prepared)
     return prepared
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,8 +23,13 @@ from dualtune.schedule import lr_at
 log = logging.getLogger("dualtune")
 
 
+def step_batch_size(recipe: Recipe) -> int:
+    """Rows per optimizer step: ``batch_size`` x ``grad_accum_steps``."""
+    return recipe.train.batch_size * recipe.train.grad_accum_steps
+
+
 def total_steps(recipe: Recipe, n_train: int) -> int:
-    steps = recipe.train.epochs * datamap.num_batches(n_train, recipe.train.batch_size)
+    steps = recipe.train.epochs * datamap.num_batches(n_train, step_batch_size(recipe))
     return min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps
 
 
@@ -63,14 +68,27 @@ class Resume:
     position: int
     optimizer_state: dict[str, Any]
     rng_state: dict[str, np.ndarray] | None = None  # None: another framework wrote it
-    records: list[dict] = field(default_factory=list)  # the step records before ``step``
 
 
 def epoch_order(prep: Prepared, epoch: int) -> np.ndarray:
     """The training batches' order in ``epoch``: a function of (seed, epoch) only, identical on every
     backend and after a resume."""
     r = prep.recipe
-    return datamap.shuffled_order(prep.train_set, r.train.batch_size, r.train.seed + epoch, r.train.group_by_length)
+    return datamap.shuffled_order(prep.train_set, step_batch_size(r), r.train.seed + epoch, r.train.group_by_length)
+
+
+def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> list[float]:
+    """Each micro-batch's share of the step's loss, so that the weighted sum of their mean losses is
+    the mean loss of the whole step batch: label tokens for seq2seq (token means), examples for
+    classification, or their class weights under a weighted loss (torch's weighted mean)."""
+    if prep.recipe.model.task == "seq2seq":
+        sizes = [float((b["labels"] != -100).sum()) for b in micro_batches]
+    elif prep.class_weights is not None:
+        sizes = [float(prep.class_weights[b["labels"]].sum()) for b in micro_batches]
+    else:
+        sizes = [float(len(b["labels"])) for b in micro_batches]
+    total = sum(sizes)
+    return [s / total for s in sizes]
 
 
 def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), full_eval: bool = False,
@@ -84,7 +102,7 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
     task, pad = r.model.task, prep.tokenizer.pad_token_id
     events = CallbackList([NanGuard(), *callbacks])
     state = LoopState(total_steps=total_steps(r, len(prep.train_set)),
-                      steps_per_epoch=datamap.num_batches(len(prep.train_set), r.train.batch_size),
+                      steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r)),
                       optimizer=backend.make_optimizer(prep.params, r.optim))
     records: list[dict] = []
     if resume is not None:
@@ -92,7 +110,6 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
         if resume.rng_state is not None:
             backend.set_rng_state(resume.rng_state)
         state.step, state.epoch, state.position = resume.step, resume.epoch, resume.position
-        records = list(resume.records)
     eval_every = r.train.eval_every if isinstance(r.train.eval_every, int) else None
     backend.set_training(prep.model, True)
     events.on_train_begin(state)
@@ -102,22 +119,32 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
         if state.position >= state.steps_per_epoch:
             state.epoch, state.position = state.epoch + 1, 0
         order = epoch_order(prep, state.epoch)
-        bs = r.train.batch_size
+        bs, step_rows = r.train.batch_size, step_batch_size(r)
         while state.position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
             events.on_step_begin(state)
-            np_batch = datamap.collate(prep.train_set, order[state.position * bs: (state.position + 1) * bs],
-                                       pad, r.data, task)
+            rows = order[state.position * step_rows: (state.position + 1) * step_rows]
+            micro = [datamap.collate(prep.train_set, rows[i: i + bs], pad, r.data, task) for i in range(0, len(rows), bs)]
             lr = lr_at(state.step, r.optim.lr, r.schedule, state.total_steps)
-            loss, grads = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(np_batch))
+            loss_tensor = None
+            if len(micro) == 1:
+                loss_tensor, grads = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[0]))
+            else:  # gradient accumulation: the weighted sum is the whole step batch's mean loss and gradient
+                loss, grads = 0.0, []
+                for share, np_batch in zip(loss_shares(prep, micro), micro):
+                    part_loss, part = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(np_batch))
+                    loss += backend.to_float(part_loss) * share
+                    grads = [g * share for g in part] if not grads else [a + g * share for a, g in zip(grads, part)]
             grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
             backend.apply_update(state.optimizer, grads, lr)
+            if loss_tensor is not None:
+                loss = backend.to_float(loss_tensor)  # read after the update: the step is done
             state.step += 1
             state.position += 1
             # tokens: non-padding input tokens, plus label tokens for seq2seq (what a step learns from)
-            tokens = int(np_batch["attention_mask"].sum())
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             if task == "seq2seq":
-                tokens += int((np_batch["labels"] != -100).sum())
-            record = {"step": state.step, "epoch": state.epoch, "loss": backend.to_float(loss), "lr": lr,
+                tokens += sum(int((b["labels"] != -100).sum()) for b in micro)
+            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens}
             records.append(record)
             events.on_step_end(state, record)
