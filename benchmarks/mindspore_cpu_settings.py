@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from bench import T5_SMALL_CONFIG  # this directory: the bench's t5-small config
+from models import T5_SMALL_CONFIG  # this directory: the bench's t5-small config
 
 SETTINGS = {  # name -> cpu_speed functions applied, in order
     "as MindSpore starts": [],

@@ -17,7 +17,8 @@ import pytest
 
 from helpers import RECIPES, REPO
 
-BENCH = REPO / "benchmarks" / "bench.py"
+BENCHMARKS = REPO / "benchmarks"
+BENCH = BENCHMARKS / "bench.py"
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
 SIDE_FIELDS = METRICS + ("train_steps", "train_seconds", "train_tokens", "step_seconds", "eval_samples",
                          "eval_seconds", "first_loss", "last_loss", "trainable_parameters",
@@ -100,3 +101,18 @@ def test_bench_against_torch_needs_the_mindspore_backend():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("bench: error: --against torch compares the mindspore backend "
                                                     "with torch; add --backend mindspore")
+
+
+def test_bench_modules_import_without_a_framework():
+    """The parent (bench.py, its helpers, the sides package) imports no framework: each side's child
+    imports its own (mindnlp must never meet real torch), and the model maker's config is importable
+    by the settings script."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench, sides, models, mindspore_cpu_settings; "
+            "from models import T5_SMALL_CONFIG; "
+            "heavy = sorted({'torch', 'transformers', 'peft', 'mindspore', 'mindnlp', 'mindtorch'} & set(sys.modules)); "
+            "side_modules = sorted(m for m in sys.modules if m.startswith('sides.')); "
+            "print(heavy, side_modules, T5_SMALL_CONFIG['d_model'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "[] [] 512"

@@ -1,0 +1,70 @@
+"""The bench's report: the medians over repeated runs, the ratios dualtune / reference, the table on
+stdout, and the facts about the machine and the versions that the JSON records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from importlib import metadata
+from pathlib import Path
+
+from common import rate
+
+METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
+LABELS = {"steps_per_s": "train steps/s", "tokens_per_s": "train tokens/s",
+          "eval_samples_per_s": "eval samples/s", "peak_rss_mb": "peak RSS MB"}
+# With --repeat, these are the medians over the runs (the other fields are the last run's).
+MEDIAN_FIELDS = METRICS + ("train_seconds", "eval_seconds", "wall_seconds", "child_wall_seconds",
+                           "child_cpu_seconds", "other_cpu_seconds", "other_cpu_share")
+
+
+def summarize(results: list[dict]) -> dict:
+    """One run: itself. Several: the median of each metric, the runs kept under ``runs``."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[-1])
+    for k in MEDIAN_FIELDS:
+        if all(k in r for r in results):
+            out[k] = statistics.median(r[k] for r in results)
+    out["runs"] = results
+    return out
+
+
+def ratios(sides: dict) -> dict:
+    return {k: rate(sides["dualtune"][k], sides["reference"][k]) for k in METRICS}
+
+
+def format_table(report: dict) -> str:
+    d, r, q = report["dualtune"], report["reference"], report["ratios"]
+    lines = [f"{'':<18}{'dualtune':>12}{'reference':>12}{'ratio d/r':>11}"]
+    for k in METRICS:
+        lines.append(f"{LABELS[k]:<18}{d[k]:>12.4g}{r[k]:>12.4g}{q[k]:>11.3f}")
+    return "\n".join(lines)
+
+
+def versions(backend: str) -> dict:
+    names = ["torch", "transformers", "peft", "tokenizers"] + (["mindspore", "mindnlp"] if backend == "mindspore" else [])
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(load_before: tuple, load_after: tuple) -> dict:
+    return {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "loadavg_before": list(load_before),
+            "loadavg_after": list(load_after)}

@@ -1,0 +1,51 @@
+"""The two sides of a benchmark, each run in a child process (``bench.py --child SIDE CONFIG RESULT``):
+
+* ``dualtune_side``: dualtune's own prepare + train, timed through a loop callback.
+* the reference: ``reference_torch`` (HF Trainer + peft) or ``reference_mindspore`` (a plain mindnlp
+  loop), from the pieces both share in ``hf_reference``; with --against torch, dualtune itself on the
+  torch backend.
+
+A side module is imported only in its own child: this package imports no framework.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from common import rate
+from dualtune.rundir import peak_rss_mb  # stdlib only: costs neither side memory
+
+
+def run_side(side: str, cfg: dict) -> dict:
+    if side == "dualtune":
+        from sides.dualtune_side import run_dualtune
+
+        return run_dualtune(cfg)
+    if cfg.get("against") == "torch":  # the reference side is dualtune itself on the torch backend
+        from sides.dualtune_side import run_dualtune
+
+        return run_dualtune({**cfg, "backend": "torch"}, side)
+    if cfg["backend"] == "torch":
+        from sides.reference_torch import run_reference_torch
+
+        return run_reference_torch(cfg)
+    from sides.reference_mindspore import run_reference_mindspore
+
+    return run_reference_mindspore(cfg)
+
+
+def run_child(side: str, cfg_path: str, result_path: str) -> int:
+    """The child's entry: run one side on the bench's config, write its result with its rates."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    started = time.perf_counter()
+    result = run_side(side, cfg)
+    result["wall_seconds"] = time.perf_counter() - started
+    result["steps_per_s"] = rate(result["train_steps"], result["train_seconds"])
+    result["tokens_per_s"] = rate(result["train_tokens"], result["train_seconds"])
+    result["eval_samples_per_s"] = rate(result["eval_samples"], result["eval_seconds"])
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb_by_phase"]["eval"] = result["peak_rss_mb"]
+    Path(result_path).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,106 @@
+"""The dualtune side: ``dualtune.prepare.prepare`` + ``dualtune.trainer.train`` (the real loop, with
+``train.max_steps`` = warm-up + N and in-loop evaluation switched off), timed through a loop callback;
+then greedy ``backend.generate`` (seq2seq) or ``backend.eval_batch`` + argmax (classification) over
+N eval batches spread over the eval order."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from common import WARMUP_EVAL_BATCHES, WARMUP_STEPS, BenchError, data_settings, load_bench_recipe, timed_steps
+from dualtune.rundir import peak_rss_mb
+
+
+def step_clock():
+    """A loop callback that notes when each step ends (the loss has been read: the step is done)
+    and its tokens."""
+    from dualtune.callbacks import Callback
+
+    class StepClock(Callback):
+        def __init__(self):
+            self.step_ends: list[float] = []
+            self.step_tokens: list[int] = []
+
+        def on_step_end(self, state, record):
+            self.step_ends.append(time.perf_counter())
+            self.step_tokens.append(record["tokens"])
+
+    return StepClock()
+
+
+def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
+    """dualtune's loop for ``total`` steps (enough epochs for them), with the step clock attached."""
+    from dualtune import data as datamap
+    from dualtune.trainer import train
+
+    per_epoch = datamap.num_batches(len(prep.train_set), recipe.train.batch_size)
+    prep.recipe.train.epochs = max(recipe.train.epochs, math.ceil(total / per_epoch))
+    clock = step_clock()
+    records, _ = train(backend, prep, [clock])
+    if len(records) != total or len(clock.step_ends) != total:
+        raise BenchError(f"dualtune ran {len(records)} steps, the clock saw {len(clock.step_ends)}; expected {total}")
+    return records, clock
+
+
+def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
+    """(samples, seconds) of ``n_batches`` full eval batches after the warm-up batch(es).
+
+    evaluate() reads the eval split longest first (data.eval_order); the batches timed are spread
+    evenly over that order (the longest one is the warm-up), not just its longest few."""
+    import numpy as np
+
+    from dualtune import data as datamap
+
+    r, task, tok = prep.recipe, prep.recipe.model.task, prep.tokenizer
+    bs = r.train.eval_batch_size or r.train.batch_size
+    backend.set_training(prep.model, False)
+    order = datamap.eval_order(prep.eval_set, r.data)
+    starts = range(0, max(1, len(order) - bs + 1), bs)
+    picked = sorted({starts[round(k)] for k in np.linspace(0, len(starts) - 1, WARMUP_EVAL_BATCHES + n_batches)})
+    it = datamap.batches(prep.eval_set, bs, tok.pad_token_id, r.data, task,
+                         order=np.concatenate([order[a: a + bs] for a in picked]))
+    samples, started = 0, None
+    for i, np_batch in enumerate(it):
+        if i == WARMUP_EVAL_BATCHES:
+            started = time.perf_counter()
+        batch = backend.to_tensors(np_batch)
+        if task == "seq2seq":
+            ids = backend.generate(prep.model, batch, r.data.label_max_length)
+            tok.batch_decode(ids, skip_special_tokens=True)
+        else:
+            _, logits = backend.eval_batch(prep.model, batch)
+            logits.argmax(-1)
+        if i >= WARMUP_EVAL_BATCHES:
+            samples += len(np_batch["input_ids"])
+    return samples, (time.perf_counter() - started if started is not None else 0.0)
+
+
+def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
+    from dualtune.backend import get_backend
+
+    backend = get_backend(cfg["backend"], "cpu")
+    if cfg["backend"] == "torch":
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
+    from dualtune import data as datamap
+    from dualtune.prepare import prepare
+
+    total = cfg["steps"] + WARMUP_STEPS
+    # train.max_steps bounds the run; an int eval_every that is never reached keeps evaluation out.
+    recipe = load_bench_recipe(cfg, [f"train.max_steps={total}", "train.eval_every=1000000000"], side)
+    prep = prepare(recipe, backend)
+    rss = {"setup": peak_rss_mb()}
+    records, clock = timed_train(backend, prep, recipe, total)
+    rss["train"] = peak_rss_mb()
+    samples, eval_seconds = timed_eval(backend, prep, cfg["eval_batches"])
+    r, tok = prep.recipe, prep.tokenizer
+    return {"data": data_settings(r),
+            "what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
+            **timed_steps(cfg["steps"], clock.step_ends, clock.step_tokens), "peak_rss_mb_by_phase": rss,
+            "eval_samples": samples, "eval_seconds": eval_seconds,
+            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+            "trainable_parameters": sum(prep.trainable.values()), "total_parameters": prep.total_params,
+            "train_batch_shape": list(datamap.collate(prep.train_set, range(r.train.batch_size),
+                                                      tok.pad_token_id, r.data, r.model.task)["input_ids"].shape)}
