@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 
 from common import WARMUP_EVAL_BATCHES, count_tokens, data_settings, load_bench_recipe, timed_steps
-from dualtune.rundir import peak_rss_mb
 
 
 @dataclass
