@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "trainable parameters, train time, peak memory, steps. Loads no framework.")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
+    rep.add_argument("--plot", metavar="OUT.png", default=None,
+                     help="also write the runs' curves to one PNG: train loss per step, eval loss and the "
+                          "judged metric at each evaluation (from each run's metrics.jsonl)")
 
     cmp = sub.add_parser("compare", help="run a recipe on both backends and compare the numbers",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -193,6 +196,10 @@ def _cmd_report(args) -> int:
     from dualtune.report import report
 
     print(report(args.run_dirs, args.format))
+    if args.plot:
+        from dualtune.report import plot_curves
+
+        log.info("plot: %s", plot_curves(args.run_dirs, args.plot))
     return 0
 
 

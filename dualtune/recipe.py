@@ -177,6 +177,20 @@ class TrainSpec(_Strict):
     overwrite: bool = False  # replace output_dir if it holds a finished run (never anything else)
     save_initial: bool = False       # also write adapter_init/: the weights before step 1
     dump_activations: bool = False   # write activations.safetensors: module outputs on one batch
+    # Experiment trackers (pip install dualtune[tracking]; dualtune.tracking says what goes where):
+    # TensorBoard files in RUN_DIR/tensorboard, MLflow beside the run or at $MLFLOW_TRACKING_URI,
+    # W&B offline unless WANDB_MODE is set. A single name is a list of one.
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    tracking_project: Optional[str] = None  # MLflow experiment and W&B project (default: the recipe's name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):  # train.report_to=tensorboard
+            data = {**data, "report_to": [data["report_to"]]}
+        if isinstance(data, dict) and isinstance(data.get("report_to"), list):
+            data = {**data, "report_to": list(dict.fromkeys(data["report_to"]))}
+        return data
 
 
 class Recipe(_Strict):

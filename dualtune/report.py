@@ -110,3 +110,72 @@ def format_rows(rows: list[dict], fmt: str = "text") -> str:
 
 def report(run_dirs: list[str | Path], fmt: str = "text") -> str:
     return format_rows([run_row(d) for d in run_dirs], fmt)
+
+
+def curves(run_dir: str | Path) -> dict:
+    """A run's curves from its metrics.jsonl: train loss per step, eval loss and the judged metric
+    (train.best_metric, else the task's main metric) at each evaluation, the selected step."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no metrics.jsonl (not a run directory)")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as err:
+        raise RunDirError(f"{path}: unreadable ({err})") from None
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    evals = [r for r in records if r.get("split") == "eval"]
+    train = [r for r in records if "split" not in r and "loss" in r]
+    metric = ((recipe or {}).get("train") or {}).get("best_metric") or \
+        main_metric(((recipe or {}).get("model") or {}).get("task"), evals[-1] if evals else {})
+    final_path = run_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text()) if final_path.is_file() else {}
+    return {"train_steps": [r["step"] for r in train], "train_loss": [r["loss"] for r in train],
+            "eval_steps": [r["step"] for r in evals], "eval_loss": [r.get("eval_loss") for r in evals],
+            "metric": metric, "metric_values": [r.get(metric) for r in evals],
+            "selected_step": final.get("selected_step") if final.get("best_metric") else None}
+
+
+def plot_curves(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    """One PNG: left, train loss per step (line) and eval loss at each evaluation (dashed, dots) of
+    every run; right, the judged metric at each evaluation (a ring marks a best_metric run's selected
+    step). Matplotlib's Agg canvas, no pyplot: safe in any process."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [curves(d) for d in run_dirs]
+    labels = labels or [Path(d).resolve().name for d in run_dirs]
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    for i, (c, label) in enumerate(zip(runs, labels)):
+        color = f"C{i % 10}"
+        loss_ax.plot(c["train_steps"], c["train_loss"], color=color, lw=1.5, label=f"{label} train")
+        steps = [s for s, v in zip(c["eval_steps"], c["eval_loss"]) if v is not None]
+        if steps:
+            loss_ax.plot(steps, [v for v in c["eval_loss"] if v is not None], "o--", color=color, ms=4,
+                         label=f"{label} eval")
+        points = [(s, v) for s, v in zip(c["eval_steps"], c["metric_values"]) if v is not None]
+        if points:
+            metric_ax.plot(*zip(*points), "o-", color=color, ms=4, label=f"{label} ({c['metric']})")
+            chosen = [(s, v) for s, v in points if s == c["selected_step"]]
+            if chosen:
+                metric_ax.plot([chosen[-1][0]], [chosen[-1][1]], "o", ms=11, mfc="none", color=color)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("train loss (line), eval loss (dots)")
+    metric_ax.set_xlabel("step")
+    metric_ax.set_ylabel(" / ".join(dict.fromkeys(c["metric"] for c in runs)))
+    metric_ax.set_title("metric at each evaluation")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, metric_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out

@@ -25,6 +25,8 @@ from dualtune.rundir import (MARKER, RunDir, RunInterrupted, check_target, free_
                              write_atomic, write_json)
 from dualtune.metrics import better
 from dualtune.trainer import BestCheckpoint, KeepBest, Resume, train
+from dualtune.report import plot_curves
+from dualtune.tracking import Tracking, check_trackers
 
 log = logging.getLogger("dualtune")
 
@@ -99,6 +101,7 @@ def check_leftovers(target: Path) -> None:
 def check_output(recipe: Recipe, backend_name: str, override: str | Path | None = None,
                  overwrite: bool = False, resume: str | Path | bool | None = None) -> Path:
     """All output checks a run makes before any work; returns the target."""
+    check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
     target = output_dir(recipe, backend_name, override)
     if resume:
         source = find_resume(target, resume)
@@ -270,6 +273,7 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
     handler = logging.FileHandler(run.path / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    tracking = Tracking(recipe, run.path, run.target, backend.name, backend.device)  # train.report_to
     try:
         if not resumed:
             run.mark("running", recipe=recipe.name, backend=backend.name, dualtune=__version__)
@@ -299,7 +303,8 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
             loop_callbacks.append(KeepBest(backend, prep, best))
         if recipe.train.early_stopping_patience and best is not None:
             loop_callbacks.append(EarlyStopping(best.metric, recipe.train.early_stopping_patience))
-        loop_callbacks += [checkpointer, *callbacks]
+        loop_callbacks += [checkpointer, tracking, *callbacks]
+        tracking.start(resume.step if resume is not None else 0)
         started = time.perf_counter()
         records, state = train(backend, prep, loop_callbacks, full_eval=best is not None, resume=resume)
         seconds = time.perf_counter() - started
@@ -308,6 +313,7 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
         evaluation = evaluate(backend, prep)
         metrics = evaluation.metrics
         run.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
+        tracking.log_eval({"step": state.step, "epoch": state.epoch, **metrics})
         selected = state.step
         if best is not None and best.step is not None and best.state is not None \
                 and better(best.metric, best.value, metrics[best.metric]):
@@ -328,7 +334,10 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
                  "total_parameters": prep.total_params, "peak_rss_mb": peak_rss_mb(), **metrics}
         write_json(run.path / "final_metrics.json", final)
         log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        plot_curves([run.path], run.path / "loss_curve.png", labels=[run.target.name])
+        tracking.finish(final, run.path)
     except BaseException as err:
+        tracking.close(failed=True)
         log.debug("run failed: %s: %s", type(err).__name__, err)
         handler.emit(logging.LogRecord("dualtune", logging.ERROR, __file__, 0,
                                        "run failed: %s: %s", (type(err).__name__, err), None))

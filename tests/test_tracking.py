@@ -1,0 +1,208 @@
+"""train.report_to on torch: one short run logs to TensorBoard, MLflow and W&B (offline), and each
+tracker's own reader gives back exactly the steps and values of metrics.jsonl; the loss curve; a
+tracker that is asked for but not installed is one line before any framework loads.
+
+The readers here (no framework imports) are shared with tests/mindspore/test_tracking_mindspore.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from helpers import RECIPES, dualtune_cli
+
+ALL = "train.report_to=[tensorboard,mlflow,wandb]"
+
+
+def overrides(tiny_bert: str, fin_data: str) -> list[str]:
+    return [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
+            "train.max_steps=4", "train.eval_every=2"]
+
+
+def clean_env() -> dict:
+    """The defaults under test: no tracker settings from the caller's environment."""
+    env = dict(os.environ)
+    for key in ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        env.pop(key, None)
+    return env
+
+
+def expected(run_dir: Path) -> tuple[dict, dict]:
+    """metrics.jsonl as {key: {step: value}}: train (step lines) and eval (every evaluation)."""
+    train: dict[str, dict[int, float]] = {}
+    evals: dict[str, dict[int, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        into = evals if rec.get("split") == "eval" else train
+        for k, v in rec.items():
+            if k not in ("step", "epoch", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                into.setdefault(k, {})[rec["step"]] = float(v)
+    return train, evals
+
+
+def assert_same(got: dict[int, float], want: dict[int, float], what: str, rel: float = 0.0) -> None:
+    assert sorted(got) == sorted(want), f"{what}: steps {sorted(got)} != metrics.jsonl's {sorted(want)}"
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel, abs=1e-12), f"{what} at step {step}"
+
+
+def read_tensorboard(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def read_wandb(run_dir: Path) -> tuple[dict[int, dict], dict, dict]:
+    """The offline run's .wandb file (a LevelDB-style log of wandb's own protobuf records; wandb 0.31
+    ships no Python reader): history by step, the final summary, the config."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    history: dict[int, dict] = {}
+    summary: dict = {}
+    config: dict = {}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # block padding
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # FULL or LAST: a whole record
+            continue
+        record = pb.Record()
+        record.ParseFromString(buf)
+        buf = b""
+        which = record.WhichOneof("record_type")
+        if which == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(row)
+        elif which == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+        elif which == "run":
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif which == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return history, summary, config
+
+
+def mlflow_run(run_dir: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == run_dir.name]
+    return client, run
+
+
+def check_all_trackers(run_dir: Path, backend: str) -> None:
+    """Every tracker's own reader gives metrics.jsonl's steps and values, and the rest is there."""
+    train, evals = expected(run_dir)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert sorted(train["loss"]) == [1, 2, 3, 4] and sorted(evals["eval_loss"]) == [2, 4]
+    keys = [("train", k, v) for k, v in train.items()] + [("eval", k, v) for k, v in evals.items()]
+
+    acc = read_tensorboard(run_dir)  # float32 on disk
+    for prefix, key, want in keys:
+        assert_same({e.step: e.value for e in acc.Scalars(f"{prefix}/{key}")}, want, f"tensorboard {prefix}/{key}",
+                    rel=1e-6)
+    assert acc.Scalars("final/accuracy")[0].value == pytest.approx(final["accuracy"], rel=1e-6)
+    assert {"confusion_matrix", "loss_curve"} <= set(acc.Tags()["images"])
+    assert {"recipe/text_summary", "run/text_summary"} <= set(acc.Tags()["tensors"])
+
+    client, run = mlflow_run(run_dir, "minilm_demo")
+    for prefix, key, want in keys:
+        history = client.get_metric_history(run.info.run_id, f"{prefix}/{key}")
+        assert_same({m.step: m.value for m in history}, want, f"mlflow {prefix}/{key}")
+    assert run.data.metrics["final/accuracy"] == final["accuracy"]
+    assert run.data.params["peft.method"] == "lora" and run.data.params["train.max_steps"] == "4"
+    assert run.data.params["run.backend"] == backend and run.data.tags["dualtune.backend"] == backend
+    assert run.data.tags["dualtune.device"] == "cpu" and run.data.tags["version.transformers"]
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "loss_curve.png", "recipe.yaml", "final_metrics.json", "adapter"} <= artifacts
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")} == \
+        {p.name for p in (run_dir / "adapter").iterdir()}
+
+    history, summary, config = read_wandb(run_dir)
+    for prefix, key, want in keys:
+        got = {step: row[f"{prefix}/{key}"] for step, row in history.items() if f"{prefix}/{key}" in row}
+        assert_same(got, want, f"wandb {prefix}/{key}")
+    assert summary["final/accuracy"] == pytest.approx(final["accuracy"], rel=1e-12)
+    assert {"confusion_matrix", "loss_curve"} <= {k.split("/")[0] for k in history[4]}  # nested: image fields
+    assert config["peft"]["method"] == "lora" and config["run"]["backend"] == backend
+    assert config["run"]["versions"]["dualtune"]
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_bert, fin_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tracking") / "tracked"
+    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "torch", "--output-dir", str(out),
+                 "--no-progress", *overrides(tiny_bert, fin_data), ALL, env=clean_env())
+    return out
+
+
+def test_trackers_read_back_metrics_jsonl(tracked):
+    check_all_trackers(tracked, "torch")
+    assert (tracked / "tensorboard").is_dir() and (tracked / "wandb").is_dir()
+    assert (tracked.parent / "mlflow.db").is_file()
+
+
+def test_loss_curve_and_report_plot(tracked, tmp_path, capsys):
+    from dualtune import cli
+    from dualtune.report import curves
+
+    png = (tracked / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    train, evals = expected(tracked)
+    c = curves(tracked)
+    assert dict(zip(c["train_steps"], c["train_loss"])) == train["loss"]
+    assert dict(zip(c["eval_steps"], c["eval_loss"])) == evals["eval_loss"]
+    assert c["metric"] == "accuracy" and dict(zip(c["eval_steps"], c["metric_values"])) == evals["accuracy"]
+    out = tmp_path / "both.png"
+    assert cli.main(["report", "--plot", str(out), str(tracked), str(tracked)]) == 0  # loads no framework
+    assert "tracked" in capsys.readouterr().out and out.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["report", "--plot", str(out), str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_missing_tracker_is_one_line_before_a_backend_loads(monkeypatch, capsys, tmp_path):
+    from dualtune import backend, cli, tracking
+
+    monkeypatch.setattr(backend, "get_backend", lambda *a, **k: pytest.fail("a backend was loaded"))
+
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    status = cli.main(["run", str(RECIPES / "minilm_demo.yaml"), "--backend", "torch", "--output-dir",
+                       str(tmp_path / "run"), "train.report_to=[tensorboard,wandb]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "train.report_to wandb" in err[0] and "pip install 'dualtune[tracking]'" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_values():
+    from dualtune.errors import RecipeError
+    from dualtune.recipe import load_recipe
+
+    recipe = RECIPES / "minilm_demo.yaml"
+    assert load_recipe(recipe).train.report_to == []
+    assert load_recipe(recipe, ["train.report_to=mlflow"]).train.report_to == ["mlflow"]
+    with pytest.raises(RecipeError, match="train.report_to"):
+        load_recipe(recipe, ["train.report_to=[comet]"])
