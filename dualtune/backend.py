@@ -94,6 +94,17 @@ class FrameworkStep(ABC):
         """Overwrite ``optimizer`` (from ``make_optimizer``) with ``state`` as ``optimizer_state``
         returns it, possibly written by another framework."""
 
+    # -- data parallel: a framework that launches several processes overrides both
+    def world(self) -> tuple[int, int]:
+        """(this process's rank, number of processes); one process: (0, 1)."""
+        return 0, 1
+
+    def all_reduce_sum(self, tensors: list[Tensor], scalars: list[float]) -> tuple[list[Tensor], list[float]]:
+        """Each tensor and each float summed over every process (the same result on each)."""
+        if self.world()[1] != 1:
+            raise NotImplementedError(f"{type(self).__name__} runs several processes but has no all_reduce_sum")
+        return tensors, scalars
+
 
 class Backend(FrameworkStep):
     """Everything the core calls. ``dualtune.backends.hf.HFBackend`` implements all but the

@@ -23,13 +23,13 @@ from dualtune.schedule import lr_at
 log = logging.getLogger("dualtune")
 
 
-def step_batch_size(recipe: Recipe) -> int:
-    """Rows per optimizer step: ``batch_size`` x ``grad_accum_steps``."""
-    return recipe.train.batch_size * recipe.train.grad_accum_steps
+def step_batch_size(recipe: Recipe, world: int = 1) -> int:
+    """Rows per optimizer step: ``batch_size`` x ``grad_accum_steps`` x processes."""
+    return recipe.train.batch_size * recipe.train.grad_accum_steps * world
 
 
-def total_steps(recipe: Recipe, n_train: int) -> int:
-    steps = recipe.train.epochs * datamap.num_batches(n_train, step_batch_size(recipe))
+def total_steps(recipe: Recipe, n_train: int, world: int = 1) -> int:
+    steps = recipe.train.epochs * datamap.num_batches(n_train, step_batch_size(recipe, world))
     return min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps
 
 
@@ -70,11 +70,12 @@ class Resume:
     rng_state: dict[str, np.ndarray] | None = None  # None: another framework wrote it
 
 
-def epoch_order(prep: Prepared, epoch: int) -> np.ndarray:
+def epoch_order(prep: Prepared, epoch: int, world: int = 1) -> np.ndarray:
     """The training batches' order in ``epoch``: a function of (seed, epoch) only, identical on every
-    backend and after a resume."""
+    backend, on every process and after a resume."""
     r = prep.recipe
-    return datamap.shuffled_order(prep.train_set, step_batch_size(r), r.train.seed + epoch, r.train.group_by_length)
+    return datamap.shuffled_order(prep.train_set, step_batch_size(r, world), r.train.seed + epoch,
+                                  r.train.group_by_length)
 
 
 def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> list[float]:
@@ -91,6 +92,30 @@ def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> l
     return [s / total for s in sizes]
 
 
+def step_loss_and_grads(backend: Backend, prep: Prepared, micro: list[dict[str, np.ndarray]]) -> tuple[Any, list]:
+    """The step batch's mean loss and gradients, from its micro-batches (``batch_size`` rows each).
+
+    One process and one micro-batch: the backend's own (the loss still a tensor). Otherwise process
+    ``rank`` takes micro-batches ``rank * k`` to ``rank * k + k - 1``, weights each mean by its
+    share of the whole step (``loss_shares``), and the weighted sums are added over processes: the
+    numbers of one process with one batch of all the rows."""
+    rank, world = backend.world()
+    if world == 1 and len(micro) == 1:
+        return backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[0]))
+    k = prep.recipe.train.grad_accum_steps
+    shares = loss_shares(prep, micro)
+    loss, grads = 0.0, []
+    for i in range(rank * k, min(rank * k + k, len(micro))):
+        part_loss, part = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[i]))
+        loss += backend.to_float(part_loss) * shares[i]
+        grads = [g * shares[i] for g in part] if not grads else [a + g * shares[i] for a, g in zip(grads, part)]
+    if not grads:  # the epoch's last, short step left no rows for this process
+        grads = [p.detach() * 0.0 for p in prep.params]
+    if world > 1:
+        grads, (loss,) = backend.all_reduce_sum(grads, [loss])
+    return loss, grads
+
+
 def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), full_eval: bool = False,
           resume: Resume | None = None) -> tuple[list[dict], LoopState]:
     """Run the recipe's optimizer steps; returns the per-step records and the final loop state.
@@ -101,8 +126,9 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
     r = prep.recipe
     task, pad = r.model.task, prep.tokenizer.pad_token_id
     events = CallbackList([NanGuard(), *callbacks])
-    state = LoopState(total_steps=total_steps(r, len(prep.train_set)),
-                      steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r)),
+    rank, world = backend.world()
+    state = LoopState(total_steps=total_steps(r, len(prep.train_set), world),
+                      steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r, world)),
                       optimizer=backend.make_optimizer(prep.params, r.optim))
     records: list[dict] = []
     if resume is not None:
@@ -118,26 +144,20 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
     while state.step < state.total_steps and not state.stop:
         if state.position >= state.steps_per_epoch:
             state.epoch, state.position = state.epoch + 1, 0
-        order = epoch_order(prep, state.epoch)
-        bs, step_rows = r.train.batch_size, step_batch_size(r)
+        order = epoch_order(prep, state.epoch, world)
+        bs, step_rows = r.train.batch_size, step_batch_size(r, world)
         while state.position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
             events.on_step_begin(state)
+            if world > 1 and backend.all_reduce_sum([], [float(state.stop)])[1][0] > 0:
+                state.stop = True  # one process was stopped (a signal, early stopping): all stop here
+                break
             rows = order[state.position * step_rows: (state.position + 1) * step_rows]
             micro = [datamap.collate(prep.train_set, rows[i: i + bs], pad, r.data, task) for i in range(0, len(rows), bs)]
             lr = lr_at(state.step, r.optim.lr, r.schedule, state.total_steps)
-            loss_tensor = None
-            if len(micro) == 1:
-                loss_tensor, grads = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[0]))
-            else:  # gradient accumulation: the weighted sum is the whole step batch's mean loss and gradient
-                loss, grads = 0.0, []
-                for share, np_batch in zip(loss_shares(prep, micro), micro):
-                    part_loss, part = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(np_batch))
-                    loss += backend.to_float(part_loss) * share
-                    grads = [g * share for g in part] if not grads else [a + g * share for a, g in zip(grads, part)]
+            loss, grads = step_loss_and_grads(backend, prep, micro)
             grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
             backend.apply_update(state.optimizer, grads, lr)
-            if loss_tensor is not None:
-                loss = backend.to_float(loss_tensor)  # read after the update: the step is done
+            loss = loss if isinstance(loss, float) else backend.to_float(loss)  # after the update: the step is done
             state.step += 1
             state.position += 1
             # tokens: non-padding input tokens, plus label tokens for seq2seq (what a step learns from)
@@ -149,7 +169,7 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
             records.append(record)
             events.on_step_end(state, record)
             end_of_epoch = state.position == state.steps_per_epoch
-            if state.step < state.total_steps and (
+            if rank == 0 and state.step < state.total_steps and (
                     (eval_every and state.step % eval_every == 0) or (eval_every is None and end_of_epoch)):
                 evaluation = evaluate(backend, prep, generate=None if full_eval else False)
                 state.last_eval = {"step": state.step, "epoch": state.epoch, **evaluation.metrics}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dualtune.backend import BackendError, torch_flavour
 
 
@@ -16,9 +18,14 @@ def activate(device: str) -> None:
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError(f"--device {device}: torch sees no CUDA device here")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # Under torchrun: one process per device, gradients summed by gloo (CPU) or nccl (CUDA).
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 def create(device: str = "cpu"):
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: this process's GPU
     activate(device)
     from dualtune.backends.torch.step import TorchBackend
 

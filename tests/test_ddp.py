@@ -1,0 +1,50 @@
+"""Data parallel on torch (torchrun, gloo on CPU): 2 processes x batch 8 take, step by step, the rows
+one process x batch 16 takes, and reach the same losses; process 0 alone writes the run directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import RECIPES, dualtune_cli
+
+CASES = {"bert": ("minilm_demo.yaml", ["data.max_rows=52"]),  # 41 train rows: the last step has 9
+         "t5": ("t5_lora.yaml", ["data.max_rows=52", "train.group_by_length=true"])}
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_two_processes_of_8_are_one_of_16(tiny_bert, tiny_t5, fin_data, tmp_path, kind):
+    recipe, extra = CASES[kind]
+    common = [str(RECIPES / recipe), f"model.name_or_path={tiny_t5 if kind == 't5' else tiny_bert}",
+              f"data.source={fin_data}", "train.max_steps=5", "train.eval_every=3", "train.dropout=false",
+              "optim.lr=1e-2", "schedule.warmup_ratio=null", "--no-progress", *extra]
+    dualtune_cli("run", *common, "train.batch_size=16", "--output-dir", str(tmp_path / "one"))
+    proc = dualtune_cli("run", *common, "train.batch_size=8", "--nproc", "2", "--output-dir", str(tmp_path / "two"),
+                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert "data parallel on 2 processes" in proc.stderr
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3, 4, 5, 5]
+    steps = [(a, b) for a, b in zip(one, two) if "loss" in a]
+    assert [a["tokens"] for a, _ in steps] == [b["tokens"] for _, b in steps]  # the same rows each step
+    np.testing.assert_allclose([b["loss"] for _, b in steps], [a["loss"] for a, _ in steps], rtol=1e-5)
+    np.testing.assert_allclose([b["grad_norm"] for _, b in steps], [a["grad_norm"] for a, _ in steps], rtol=1e-4)
+    final_one = json.loads((tmp_path / "one" / "final_metrics.json").read_text())
+    final_two = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
+    assert final_two["steps"] == final_one["steps"] == 5
+    assert abs(final_two["eval_loss"] - final_one["eval_loss"]) <= 1e-5 * final_one["eval_loss"]
+    # Process 0 alone wrote: one run directory, no other process's leftovers.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_nproc_needs_torch(tmp_path):
+    proc = dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", "--nproc", "2",
+                        "--output-dir", str(tmp_path / "x"), check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+        2, "dualtune: error: --nproc 2: data parallel runs on --backend torch (torchrun); MindSpore's msrun "
+           "is not supported yet")
