@@ -163,6 +163,30 @@ def test_trackers_read_back_metrics_jsonl(tracked):
     assert (tracked.parent / "mlflow.db").is_file()
 
 
+def test_failed_run_and_tracking_uri(tracked, monkeypatch):
+    """A run that fails is FAILED in MLflow; MLFLOW_TRACKING_URI is where MLflow goes; closing twice is fine."""
+    from dualtune.callbacks import LoopState
+    from dualtune.recipe import load_recipe
+    from dualtune.tracking import Tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked.parent / 'mlflow.db'}")  # already made: fast
+    recipe = load_recipe(RECIPES / "minilm_demo.yaml", ["train.report_to=[tensorboard,mlflow]"])
+    target = tracked.parent / "failed"
+    partial = tracked.parent / "failed.partial-1"
+    partial.mkdir()
+    (partial / "recipe.yaml").write_text(recipe.to_yaml())
+    tracking = Tracking(recipe, partial, target, "torch", "cpu")
+    tracking.on_train_begin(LoopState(total_steps=10, steps_per_epoch=5))
+    tracking.on_step_end(LoopState(total_steps=10, steps_per_epoch=5, step=1),
+                         {"step": 1, "epoch": 0, "loss": 0.5, "lr": 0.1, "grad_norm": 2.0, "tokens": 7})
+    tracking.close(failed=True)
+    tracking.close(failed=True)
+    _, run = mlflow_run(target, "minilm_demo")
+    assert run.info.status == "FAILED" and run.data.metrics == {"train/loss": 0.5, "train/lr": 0.1,
+                                                               "train/grad_norm": 2.0, "train/tokens": 7.0}
+    assert [(e.step, e.value) for e in read_tensorboard(partial).Scalars("train/loss")] == [(1, 0.5)]
+
+
 def test_loss_curve_and_report_plot(tracked, tmp_path, capsys):
     from dualtune import cli
     from dualtune.report import curves
