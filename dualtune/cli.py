@@ -33,6 +33,16 @@ and --resume (on either backend):
   dualtune run recipes/t5_lora.yaml --backend torch train.save_every=50 --resume"""
 
 
+EPILOG_SWEEP = """\
+  dualtune sweep recipes/minilm_demo.yaml --space recipes/spaces/lora_seed001.yaml --trials 20
+
+OUT (default runs/sweep-{recipe}) receives trial-NNN/ (each trial's run directory), trial-NNN.log,
+optuna.db (the study), trials.txt and trials.csv, best_recipe.yaml (the recipe with the best
+parameters, for `dualtune run`), history.png and importances.png. The same command continues an
+interrupted sweep: finished trials count toward --trials, and a trial whose sweep was stopped runs
+again under its number (from its checkpoint). --jobs J runs J worker processes on the storage."""
+
+
 def _backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DUALTUNE_BACKEND", "torch"),
                    help="framework to run on (default: $DUALTUNE_BACKEND or torch)")
@@ -123,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("out", help="output .jsonl path")
     syn.add_argument("--rows", type=int, default=1000)
     syn.add_argument("--seed", type=int, default=0)
+
+    swp = sub.add_parser("sweep", help="search hyperparameters with Optuna, one run per trial",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Search the recipe keys SPACE.yaml names (categorical, int, float, log "
+                                     "distributions; metric and direction) with Optuna's seeded TPE sampler and "
+                                     "median pruner. Each trial is a `dualtune run` in a process of its own, in "
+                                     "OUT/trial-NNN; its evaluations feed the pruner as they are written.",
+                         epilog=EPILOG_SWEEP)
+    swp.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    swp.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every trial")
+    swp.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space (see recipes/spaces/)")
+    swp.add_argument("--trials", type=int, required=True, metavar="N",
+                     help="trials in the study, counting those a previous run of the sweep finished")
+    _backend_arg(swp)
+    swp.add_argument("--storage", metavar="URL",
+                     help="Optuna storage URL (default: sqlite:///OUT/optuna.db); the study is named after the recipe")
+    swp.add_argument("--jobs", type=int, default=1, metavar="J", help="worker processes sharing the storage")
+    swp.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/sweep-{recipe})")
+    swp.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    swp.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of --jobs's processes
     return parser
 
 
@@ -217,6 +247,16 @@ def _cmd_compare(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def _cmd_sweep(args) -> int:
+    from dualtune.sweep import make_sweep, sweep, work
+
+    sw = make_sweep(args.recipe, args.overrides, args.space, args.trials, args.backend, args.device, args.storage,
+                    args.out, args.seed)
+    if args.worker is not None:
+        return work(sw, args.worker)
+    return sweep(sw, args.jobs)
+
+
 def _cmd_synthetic(args) -> int:
     from dualtune import synthetic
     from dualtune.data import write_jsonl
@@ -239,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,
                 "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
+    commands["sweep"] = _cmd_sweep
     try:
         return commands[args.command](args)
     except UserError as err:
