@@ -49,8 +49,9 @@ def _run(backend: str, recipe: str, overrides: list[str], out: Path) -> None:
 def _load(run_dir: Path) -> Side:
     from safetensors import safe_open
 
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    acts, order = {}, []
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    acts: dict[str, np.ndarray] = {}
+    order: list[str] = []
     path = run_dir / "activations.safetensors"
     if path.exists():
         with safe_open(str(path), "np") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ def prepare(recipe: Recipe, backend: Backend) -> Prepared:
     model = backend.load_model(recipe.model, label_names, tokenizer)
     model = backend.apply_peft(model, recipe.peft, task, recipe.train.seed)
     if recipe.peft.init_from:
-        backend.load_weights(model, recipe.peft.init_from, recipe.peft)
+        backend.load_weights(model, Path(recipe.peft.init_from), recipe.peft)
         log.info("adapter initialised from %s", recipe.peft.init_from)
     if not recipe.train.dropout:
         log.info("dropout off in %d modules", backend.disable_dropout(model))
