@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its last checkpoint: RUN_DIR, or by default the "
                           "unfinished run of the output directory (<dir>.failed, <dir>.partial-PID)")
     run.add_argument("--no-progress", action="store_true", help="progress lines instead of a bar")
+
+    val = sub.add_parser("validate", help="check a recipe, its data and its output without training",
+                         description="Check everything about RECIPE that needs no framework and no model "
+                                     "weights (recipe, data, labels, lengths against config.json, label words, "
+                                     "output location, device) and print the plan: rows and classes per split, "
+                                     "steps, evaluation points, token lengths, warnings. Exit 0 or 2. "
+                                     "dualtune run makes the same checks first.")
+    val.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    val.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=3e-4")
+    _backend_arg(val)
+    val.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
+    val.add_argument("--overwrite", action="store_true", help="as for run: a finished run there may be replaced")
 
     ev = sub.add_parser("eval", help="evaluate a run directory on either backend",
                         description="Evaluate RUN_DIR's adapter on its recipe's eval split, on either "
@@ -168,10 +181,16 @@ def _cmd_run(args) -> int:
     from dualtune.backend import get_backend
     from dualtune.recipe import load_recipe
     from dualtune.runner import check_output, run_recipe
+    from dualtune.validate import validate
 
     recipe = load_recipe(args.recipe, args.overrides)
-    # Everything about the output is checked before a framework loads: a refusal costs a second.
-    out = check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
+    # Everything checkable (output, data, labels, lengths, device) is checked before a framework
+    # loads: a refusal costs a second and leaves no run directory.
+    plan = validate(recipe, args.backend, args.device, args.output_dir, args.overwrite, args.resume)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    out = Path(plan.output) if plan.output else check_output(recipe, args.backend, args.output_dir, args.overwrite,
+                                                            args.resume)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
     run_recipe(recipe, backend, out, progress=False if args.no_progress else None, overwrite=args.overwrite,
@@ -196,6 +215,7 @@ def _cmd_eval(args) -> int:
     from dualtune.runner import check_finished, evaluate_run
 
     check_finished(args.run_dir, args.checkpoint)  # before loading a framework
+    _check_saved(args.run_dir, args.checkpoint)
     backend = get_backend(args.backend, args.device)
     out, evaluation = evaluate_run(args.run_dir, backend, args.checkpoint)
     for k, v in evaluation.metrics.items():
@@ -217,8 +237,30 @@ def _cmd_predict(args) -> int:
     texts = read_texts(args.texts, args.file)
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: expected 1 or more")
+    _check_saved(args.run_dir)
     for row in predict(args.run_dir, texts, get_backend(args.backend, args.device), args.batch_size):
         print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _check_saved(run_dir: str, checkpoint: str | None = None) -> None:
+    """The adapter (or checkpoint) files are whole and fit the run's model: one line, not a traceback."""
+    from dualtune.recipe import load_recipe
+    from dualtune.validate import check_adapter, safetensors_header
+
+    if checkpoint is not None:
+        safetensors_header(Path(checkpoint) / "trainable.safetensors")
+        return
+    check_adapter(run_dir, load_recipe(Path(run_dir) / "recipe.yaml"))
+
+
+def _cmd_validate(args) -> int:
+    from dualtune.recipe import load_recipe
+    from dualtune.validate import validate
+
+    plan = validate(load_recipe(args.recipe, args.overrides), args.backend, args.device, args.output_dir,
+                    args.overwrite)
+    print("\n".join(plan.lines()))
     return 0
 
 
@@ -278,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     _setup_logging(args.verbose)
     commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,
-                "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic}
+                "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic,
+                "validate": _cmd_validate}
     commands["sweep"] = _cmd_sweep
     try:
         return commands[args.command](args)
@@ -289,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
         print(f"dualtune: {stop}{where}; continue with the same command and --resume", file=sys.stderr)
         return 128 + stop.signum
+    except OSError as err:  # the output's file system: read-only, full, no permission
+        if err.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"dualtune: error: {where}{err.strerror or os.strerror(err.errno)}", file=sys.stderr)
+        return 2
     except FloatingPointError as err:  # the loop's "loss is nan at step N; lower optim.lr ..."
         print(f"dualtune: error: {err}", file=sys.stderr)
         return 1

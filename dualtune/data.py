@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -76,17 +78,70 @@ def _fpb_member(config: str | None) -> str:
 
 def _read_fpb_zip(path: Path, config: str | None) -> list[dict]:
     member = _fpb_member(config)
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if n.endswith("/" + member) or n == member]
-        if not names:
-            raise DataError(f"{path}: no {member} inside the zip")
-        return _parse_sentence_at_label(zf.read(names[0]), f"{path}!{names[0]}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/" + member) or n == member]
+            if not names:
+                raise DataError(f"{path}: no {member} inside the zip")
+            raw = zf.read(names[0])
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a readable zip ({' '.join(str(err).split())[:120] or type(err).__name__})") from None
+    return _parse_sentence_at_label(raw, f"{path}!{names[0]}")
 
 
 def _blank(path: Path) -> bool:
     """Empty or whitespace only, read no further than the first chunk that is not."""
     with path.open("rb") as f:
         return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def _check_text_file(path: Path) -> list[tuple[int, dict]] | None:
+    """A csv/tsv/json/jsonl file must be UTF-8 (the builders' own errors name neither file nor line,
+    and count rows from 0). JSONL is parsed here, one JSON object per line: returns (line, object)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                        f"save the file as UTF-8") from None
+    if path.suffix.lower() != ".jsonl":
+        return None
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as err:
+            msg = getattr(err, "msg", str(err).splitlines()[0] if str(err) else type(err).__name__)
+            col = f" at column {err.colno}" if hasattr(err, "colno") else ""
+            raise DataError(f"{path}:{lineno}: not valid JSON ({msg}{col})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}")
+        records.append((lineno, value))
+    return records
+
+
+def _rows_from_jsonl(records: list[tuple[int, dict]], spec: DataSpec, path: Path) -> list[dict]:
+    """JSONL rows as ``_rows_from_hf`` gives them, without Arrow (which refuses a label column that
+    mixes numbers and names, and counts rows from 0)."""
+    columns = list(dict.fromkeys(k for _, r in records for k in r))
+    missing = [f for f in (spec.text_field, spec.label_field) if f not in columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(str, columns))}); "
+                        f"set data.text_field / data.label_field")
+    rows = []
+    for lineno, record in records:
+        text, label = record.get(spec.text_field), record.get(spec.label_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{lineno}: empty or missing {spec.text_field!r}")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{path}:{lineno}: empty or missing {spec.label_field!r}")
+        rows.append({"sentence": text, "label": label, "where": f"{path}:{lineno}"})
+    return rows
 
 
 def _read_table(path: Path, spec: DataSpec) -> list[dict]:
@@ -98,6 +153,10 @@ def _read_table(path: Path, spec: DataSpec) -> list[dict]:
         raise DataError(f"{path}: unsupported file type (csv, tsv, json, jsonl, parquet, txt, zip)")
     if _blank(path):
         raise DataError(f"{path}: empty file")
+    if kind != "parquet":
+        records = _check_text_file(path)
+        if records is not None:
+            return _rows_from_jsonl(records, spec, path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     datasets.disable_progress_bars()  # a one-off conversion of a small file; our own bar is the run's
     try:
@@ -169,23 +228,57 @@ def _read_hub(spec: DataSpec) -> list[dict]:
     return _rows_from_hf(ds, spec, spec.source)
 
 
-def load_rows(spec: DataSpec) -> Rows:
-    """Read the dataset named by ``spec.source`` into texts and integer labels."""
+LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".zip")
+
+
+def looks_local(source: str) -> bool:
+    """A path the user means as a local file (a hub id is ``name`` or ``owner/name``)."""
+    return (source.lower().endswith(LOCAL_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
+            or "\\" in source)
+
+
+def read_raw(spec: DataSpec) -> list[dict]:
+    """The dataset's rows as read (``sentence``, ``label`` as the source has it, ``where``), before
+    labels become ids; at most ``data.max_rows``."""
     if spec.source == "synthetic":
         from dualtune import synthetic
 
         raw = synthetic.generate(rows=spec.max_rows or 1000, seed=0)
-    elif Path(spec.source).exists():
-        raw = _read_local(Path(spec.source), spec)
+    elif Path(spec.source).expanduser().exists():
+        raw = _read_local(Path(spec.source).expanduser(), spec)
+    elif looks_local(spec.source):
+        raise DataError(f"data.source {spec.source}: no such file")
     else:
         raw = _read_hub(spec)
     if spec.max_rows is not None:
         raw = raw[: spec.max_rows]
     if not raw:
         raise DataError(f"{spec.source}: no usable rows")
+    return raw
 
+
+def load_rows(spec: DataSpec) -> Rows:
+    """Read the dataset named by ``spec.source`` into texts and integer labels."""
+    return label_rows(read_raw(spec), spec)
+
+
+def _is_id(value: str) -> bool:
+    """A label written as a class id ("2", "-1"), not a name."""
+    return re.fullmatch(r"-?[0-9]+", value) is not None
+
+
+def label_rows(raw: list[dict], spec: DataSpec) -> Rows:
+    """``read_raw``'s rows with labels as ids into the label names (given, or found in the data)."""
     values = [r["label"] for r in raw]
+    for i, (row, v) in enumerate(zip(raw, values)):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (isinstance(v, float) and not v.is_integer()):
+            raise DataError(f"{row.get('where', f'{spec.source}: row {i + 1}')}: label {v!r} is not a class name or id")
     names = list(spec.label_names) if spec.label_names else None
+    if names is None and not all(isinstance(v, str) for v in values):
+        named = next((i for i, v in enumerate(values) if isinstance(v, str) and not _is_id(v)), None)
+        if named is not None:
+            raise DataError(f"{raw[named].get('where', spec.source)}: label {values[named]!r} is a name where other "
+                            f"rows give ids; set data.label_names to say which id is which name")
     if names is None:
         names = sorted({str(v) for v in values}) if all(isinstance(v, str) for v in values) \
             else [str(i) for i in range(max(int(v) for v in values) + 1)]
@@ -193,7 +286,7 @@ def load_rows(spec: DataSpec) -> Rows:
     labels = []
     for i, (row, v) in enumerate(zip(raw, values)):
         where = row.get("where", f"{spec.source}: row {i + 1}")
-        if isinstance(v, str) and not v.lstrip("-").isdigit():
+        if isinstance(v, str) and not _is_id(v):
             if v not in index:
                 raise DataError(f"{where}: label {v!r} is not one of {names}")
             labels.append(index[v])

@@ -9,18 +9,37 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dualtune.errors import RecipeError
 from dualtune.metrics import AVERAGES
 
 
+def _takes(annotation: Any, kind: type) -> bool:
+    """Whether ``kind`` is one of the types ``annotation`` names (at any depth)."""
+    return annotation is kind or any(_takes(a, kind) for a in get_args(annotation))
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return _takes(annotation, bool)
+
+
 class _Strict(BaseModel):
     # inf/nan are never meant (optim.lr=inf would pass gt=0 and train to nan).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: train.batch_size=true would train with batch 1.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            what = "an integer" if _takes(annotation, int) else "a number" if _takes(annotation, float) else "text"
+            raise ValueError(f"got {value!r} (bool), expected {what}")
+        return value
 
 
 class ModelSpec(_Strict):
@@ -224,6 +243,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _labels_known(self) -> "Recipe":
         names = self.data.label_names
+        if names:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"data.label_names names {dup[0]!r} twice; each class needs a name of its own")
         if self.model.task == "classification" and self.model.num_labels is None and not names:
             raise ValueError("classification needs model.num_labels or data.label_names")
         if names and self.model.num_labels is not None and len(names) != self.model.num_labels:
@@ -322,6 +345,17 @@ def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(_format_error(err, raw)) from None
 
 
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """'not valid YAML at line 3, column 5: <cause>' (1-based, where the parser stopped)."""
+    mark = getattr(err, "problem_mark", None)
+    cause = " ".join(str(getattr(err, "problem", None) or str(err).splitlines()[0]).split())
+    context = getattr(err, "context", None)
+    if context:
+        cause += f" ({' '.join(str(context).split())})"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML{where}: {cause}"
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -329,7 +363,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise RecipeError(f"recipe {path}: {_yaml_error(err)}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {path}: not UTF-8 text (byte {err.start})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path}: expected a mapping at the top level")
     raw.setdefault("name", path.stem)
