@@ -155,7 +155,8 @@ def save_checkpoint(run_path: Path, step: int, tensors: dict[str, dict[str, np.n
     root = run_path / CHECKPOINTS
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for cut in root.glob(".tmp-step-*"):  # ours, or one a killed run left (the lock keeps others out)
+        shutil.rmtree(cut, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, arrays in tensors.items():
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / f"{name}.safetensors"))
@@ -196,14 +197,31 @@ class TargetLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            err = self._busy(fd)
             os.close(fd)
-            raise RunDirError(f"{self.target}: another dualtune run (pid {holder}) is writing it; wait for "
-                              f"it to end or choose another --output-dir") from None
+            raise err from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         return self
+
+    def _busy(self, fd: int) -> RunDirError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        return RunDirError(f"{self.target}: another dualtune run (pid {holder}) is writing it; wait for "
+                           f"it to end or choose another --output-dir")
+
+    def check_free(self) -> None:
+        """Refuse at once (before a framework loads) when another run holds the lock; creates nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file, no run
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close
+        except BlockingIOError:
+            raise self._busy(fd) from None
+        finally:
+            os.close(fd)
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:

@@ -20,9 +20,9 @@ from dualtune.errors import RunDirError
 from dualtune.evaluation import evaluate, write_evaluation
 from dualtune.prepare import Prepared, class_weights, prepare, prepare_data
 from dualtune.recipe import Recipe, load_recipe
-from dualtune.rundir import (MARKER, RunDir, RunInterrupted, check_target, free_name, latest_checkpoint,
-                             load_checkpoint, peak_rss_mb, read_marker, save_checkpoint, unfinished_runs,
-                             write_atomic, write_json)
+from dualtune.rundir import (MARKER, RunDir, RunInterrupted, TargetLock, check_target, free_name,
+                             latest_checkpoint, load_checkpoint, peak_rss_mb, read_marker, save_checkpoint,
+                             unfinished_runs, write_atomic, write_json)
 from dualtune.metrics import better
 from dualtune.trainer import BestCheckpoint, KeepBest, Resume, train
 from dualtune.report import plot_curves
@@ -103,10 +103,19 @@ def check_output(recipe: Recipe, backend_name: str, override: str | Path | None 
     """All output checks a run makes before any work; returns the target."""
     check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
     target = output_dir(recipe, backend_name, override)
+    TargetLock(target).check_free()
     if resume:
         source = find_resume(target, resume)
         if source.resolve() != target.resolve():
             check_target(target, overwrite or recipe.train.overwrite)
+        checkpoint = latest_checkpoint(source)
+        assert checkpoint is not None  # find_resume only returns directories with one
+        try:  # a changed recipe is refused now, before the run directory is touched
+            saved = json.loads((checkpoint / "state.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None  # _resume_state reports an unreadable checkpoint
+        if saved is not None:
+            check_resumable(saved, recipe, checkpoint)
     else:
         check_target(target, overwrite or recipe.train.overwrite)
         check_leftovers(target)
