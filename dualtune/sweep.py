@@ -568,6 +568,9 @@ def run_trial(study, sw: Sweep, trial, params: dict, resumed: bool, stop: _Stop)
             with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(_run_command(sw, params, target, resume), stdout=log_file,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        # its own session: a Ctrl-C reaches the sweep, which stops the
+                                        # trial with one SIGTERM (a second signal would stop it at once)
+                                        start_new_session=True,
                                         preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
             try:
                 while proc.poll() is None:
@@ -859,6 +862,7 @@ def _spawn_workers(sw: Sweep, jobs: int) -> int:
     with _Stop(forward) as stop:
         for k in range(jobs):
             procs.append(subprocess.Popen(worker_command(sw, k), stdin=subprocess.DEVNULL, env=env,
+                                          start_new_session=True,  # signals reach workers once, through forward()
                                           preexec_fn=_die_with_parent))  # noqa: PLW1509
         codes = [p.wait() for p in procs]
     if stop.signum is not None:
