@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its last checkpoint: RUN_DIR, or by default the "
                           "unfinished run of the output directory (<dir>.failed, <dir>.partial-PID)")
     run.add_argument("--no-progress", action="store_true", help="progress lines instead of a bar")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="data parallel on N processes through torchrun (--backend torch; gloo on cpu, nccl "
+                          "on cuda): each takes train.batch_size rows of every step; the same as "
+                          "`torchrun --nproc-per-node N -m dualtune.cli run ...`")
 
     val = sub.add_parser("validate", help="check a recipe, its data and its output without training",
                          description="Check everything about RECIPE that needs no framework and no model "
@@ -173,7 +177,9 @@ def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("dualtune: %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Data parallel: process 0 speaks for the job; the others only warn.
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 
 
@@ -184,6 +190,11 @@ def _cmd_run(args) -> int:
     from dualtune.validate import validate
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: expected 1 or more")
+    if int(os.environ.get("RANK", "0")) != 0:  # a data-parallel process other than 0: process 0 checks
+        run_recipe(recipe, get_backend(args.backend, args.device), args.output_dir, resume=args.resume)
+        return 0
     # Everything checkable (output, data, labels, lengths, device) is checked before a framework
     # loads: a refusal costs a second and leaves no run directory.
     plan = validate(recipe, args.backend, args.device, args.output_dir, args.overwrite, args.resume)
@@ -191,12 +202,44 @@ def _cmd_run(args) -> int:
         log.warning("%s", warning)
     out = Path(plan.output) if plan.output else check_output(recipe, args.backend, args.output_dir, args.overwrite,
                                                             args.resume)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
     run_recipe(recipe, backend, out, progress=False if args.no_progress else None, overwrite=args.overwrite,
                resume=args.resume)
     log.info("run directory: %s", out)
     return 0
+
+
+def _launch_torchrun(args) -> int:
+    """``dualtune run --nproc N ...``: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    if args.backend != "torch":
+        raise UserError(f"--nproc {args.nproc}: data parallel runs on --backend torch (torchrun); MindSpore's "
+                        f"msrun is not supported yet")
+    argv = [a for i, a in enumerate(args.argv) if not (a == "--nproc" or a.startswith("--nproc=")
+                                                      or (i and args.argv[i - 1] == "--nproc"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "dualtune.cli", *argv]
+    log.info("data parallel on %d processes: %s", args.nproc, " ".join(cmd[1:]))
+    import signal
+
+    child = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, frame):  # torchrun stops its processes; they checkpoint (process 0 says where)
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else code
 
 
 def _cmd_tiny(args) -> int:
@@ -318,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides += extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,
                 "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic,

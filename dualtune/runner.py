@@ -32,8 +32,8 @@ log = logging.getLogger("dualtune")
 
 # What a resumed run must share with its checkpoint, or it would silently be another run. The rest
 # (epochs, max_steps, eval and log cadence, optimizer, schedule) may change: more epochs extend a run.
-FIXED_KEYS = ("model", "data", "peft", "loss", "train.batch_size", "train.seed", "train.group_by_length",
-              "train.dropout")
+FIXED_KEYS = ("model", "data", "peft", "loss", "train.batch_size", "train.grad_accum_steps", "train.seed",
+              "train.group_by_length", "train.dropout")
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
@@ -217,10 +217,9 @@ class Checkpointer(Callback):
         log.debug("checkpoint at step %d: %s", state.step, self.last_path)
 
 
-def _resume_state(backend: Backend, prep: Prepared, run: RunDir, best: BestCheckpoint | None,
+def _resume_state(backend: Backend, prep: Prepared, path: Path, best: BestCheckpoint | None,
                   first_loss: list[float]) -> Resume:
-    path = latest_checkpoint(run.path)
-    assert path is not None
+    """The loop's start from checkpoint ``path``; the trainable tensors (and best) restored."""
     info, tensors = load_checkpoint(path)
     check_resumable(info["fingerprint"], prep.recipe, path)
     names = list(prep.trainable)
@@ -238,12 +237,6 @@ def _resume_state(backend: Backend, prep: Prepared, run: RunDir, best: BestCheck
         best.state = tensors.get("best")
     if info.get("first_loss") is not None:
         first_loss.append(info["first_loss"])
-    # metrics.jsonl as the uninterrupted run has it at this step: later lines were never checkpointed.
-    metrics = run.path / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= info["step"]]
-        write_atomic(metrics, "".join(line + "\n" for line in kept))
     log.info("resuming from %s: step %d of %d (epoch %d, batch %d)", path, info["step"], info["total_steps"],
              info["epoch"] + 1, info["position"])
     return Resume(info["step"], info["epoch"], info["position"], optimizer,
@@ -258,9 +251,15 @@ def run_recipe(recipe: Recipe, backend: Backend, output: str | Path | None = Non
     ``output``: the run directory (default: ``train.output_dir`` filled in). ``progress``: a bar
     (True), progress lines (False), or whichever suits stderr (None). ``resume``: True continues the
     unfinished run of this output, a path continues that run directory. ``callbacks``: the caller's
-    own, after dualtune's."""
+    own, after dualtune's. Data parallel (several processes, ``backend.world()``): process 0 does
+    all of this; the others only train (``_train_replica``)."""
+    rank, world = backend.world()
+    if rank != 0:
+        return _train_replica(recipe, backend, output, resume)
     target = check_output(recipe, backend.name, output, overwrite, resume)
     source = find_resume(target, resume) if resume else None
+    if world > 1:
+        backend.all_reduce_sum([], [0.0])  # wait until the others have read the checkpoint
     signals = SignalStop()
     signals.install()
     run = RunDir(target, overwrite or recipe.train.overwrite, source)
@@ -272,6 +271,34 @@ def run_recipe(recipe: Recipe, backend: Backend, output: str | Path | None = Non
         where = failed / stop.checkpoint.relative_to(run.path) if stop.checkpoint else None
         stop.checkpoint = where
         raise
+    finally:
+        signals.restore()
+    return target
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl as the uninterrupted run has it at ``step``: later lines were never checkpointed."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _train_replica(recipe: Recipe, backend: Backend, output: str | Path | None,
+                   resume: str | Path | bool | None) -> Path:
+    """A data-parallel process other than 0: the same preparation and steps, nothing written."""
+    target = output_dir(recipe, backend.name, output)
+    prep = prepare(recipe, backend)
+    start = None
+    if resume:
+        checkpoint = latest_checkpoint(find_resume(target, resume))
+        assert checkpoint is not None
+        start = _resume_state(backend, prep, checkpoint, None, [])
+    backend.all_reduce_sum([], [0.0])  # process 0 may now take the run directory over
+    signals = SignalStop()
+    signals.install()
+    try:
+        train(backend, prep, [signals], resume=start)
     finally:
         signals.restore()
     return target
@@ -301,7 +328,12 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
                                                  "tensors": prep.trainable})
         best = BestCheckpoint(recipe.train.best_metric) if recipe.train.best_metric else None
         first_loss: list[float] = []
-        resume = _resume_state(backend, prep, run, best, first_loss) if resumed else None
+        resume = None
+        if resumed:
+            checkpoint = latest_checkpoint(run.path)
+            assert checkpoint is not None  # find_resume chose this directory for its checkpoint
+            resume = _resume_state(backend, prep, checkpoint, best, first_loss)
+            _truncate_metrics(run.path / "metrics.jsonl", resume.step)
         checkpointer = Checkpointer(backend, prep, run, signals, best, first_loss)
         loop_callbacks: list[Callback] = [
             signals,
@@ -324,7 +356,7 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
         run.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
         tracking.log_eval({"step": state.step, "epoch": state.epoch, **metrics})
         selected = state.step
-        if best is not None and best.step is not None and best.state is not None \
+        if best is not None and best.value is not None and best.state is not None \
                 and better(best.metric, best.value, metrics[best.metric]):
             log.info("keeping the adapter of step %d: %s %.4f (last step: %.4f)", best.step,
                      best.metric, best.value, metrics[best.metric])

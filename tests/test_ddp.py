@@ -4,6 +4,11 @@ one process x batch 16 takes, and reach the same losses; process 0 alone writes 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +31,7 @@ def test_two_processes_of_8_are_one_of_16(tiny_bert, tiny_t5, fin_data, tmp_path
               "optim.lr=1e-2", "schedule.warmup_ratio=null", "--no-progress", *extra]
     dualtune_cli("run", *common, "train.batch_size=16", "--output-dir", str(tmp_path / "one"))
     proc = dualtune_cli("run", *common, "train.batch_size=8", "--nproc", "2", "--output-dir", str(tmp_path / "two"),
-                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "data parallel on 2 processes" in proc.stderr
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3, 4, 5, 5]
@@ -48,3 +53,27 @@ def test_nproc_needs_torch(tmp_path):
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
         2, "dualtune: error: --nproc 2: data parallel runs on --backend torch (torchrun); MindSpore's msrun "
            "is not supported yet")
+
+
+def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny_bert, fin_data, tmp_path):
+    common = [str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
+              "data.max_rows=null", "train.max_steps=8", "train.eval_every=4", "train.save_every=2",
+              "train.batch_size=8", "optim.lr=1e-2", "train.dropout=false", "--no-progress", "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dualtune_cli("run", *common, "--output-dir", str(tmp_path / "ref"), env=env)
+    cut = subprocess.Popen([sys.executable, "-m", "dualtune.cli", "run", *common, "--output-dir", str(tmp_path / "b")],
+                           stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+            '"step": 3' in p.read_text() for p in tmp_path.glob("b.partial-*/metrics.jsonl")):
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)
+    _, err = cut.communicate(timeout=300)
+    assert cut.returncode == 143, err[-2000:]
+    assert any(line.startswith("dualtune: stopped by SIGTERM after step") for line in err.splitlines())
+    dualtune_cli("run", *common, "--output-dir", str(tmp_path / "b"), "--resume", env=env)
+    ref, resumed = records(tmp_path / "ref"), records(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [r["step"] for r in ref] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
+    assert resumed == ref  # every loss, gradient norm and eval metric, bit for bit (dropout off)
+    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()
