@@ -104,7 +104,7 @@ def step_loss_and_grads(backend: Backend, prep: Prepared, micro: list[dict[str, 
         return backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[0]))
     k = prep.recipe.train.grad_accum_steps
     shares = loss_shares(prep, micro)
-    loss, grads = 0.0, []
+    loss, grads = 0.0, []  # type: float, list
     for i in range(rank * k, min(rank * k + k, len(micro))):
         part_loss, part = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[i]))
         loss += backend.to_float(part_loss) * shares[i]
