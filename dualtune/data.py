@@ -131,7 +131,7 @@ def _rows_from_jsonl(records: list[tuple[int, dict]], spec: DataSpec, path: Path
     columns = list(dict.fromkeys(k for _, r in records for k in r))
     missing = [f for f in (spec.text_field, spec.label_field) if f not in columns]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(str, columns))}); "
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(shown, columns))}); "
                         f"set data.text_field / data.label_field")
     rows = []
     for lineno, record in records:
@@ -175,7 +175,7 @@ def _rows_from_hf(ds, spec: DataSpec, origin: str, where=None) -> list[dict]:
     where = where or (lambda i: f"{origin}: row {i + 1}")
     missing = [f for f in (spec.text_field, spec.label_field) if f not in ds.column_names]
     if missing:
-        raise DataError(f"{origin}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+        raise DataError(f"{origin}: no column {missing[0]!r} (columns: {', '.join(map(shown, ds.column_names))}); "
                         f"set data.text_field / data.label_field")
     feature = ds.features[spec.label_field]
     names = getattr(feature, "names", None)
@@ -260,6 +260,12 @@ def read_raw(spec: DataSpec) -> list[dict]:
 def load_rows(spec: DataSpec) -> Rows:
     """Read the dataset named by ``spec.source`` into texts and integer labels."""
     return label_rows(read_raw(spec), spec)
+
+
+def shown(name) -> str:
+    """A name from the data as error lines show it: as is, or its repr when it holds a newline or
+    another character that is not printable (an error stays one line)."""
+    return str(name) if str(name).isprintable() else repr(name)
 
 
 def _is_id(value: str) -> bool:

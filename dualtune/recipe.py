@@ -285,16 +285,22 @@ def _expected(msg: str) -> str:
     return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
 
 
+def _dotted(loc: tuple) -> str:
+    """``train.epochs``; a key that is not plain text (a newline, a control character) as its repr,
+    so the error stays one line."""
+    return ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc)
+
+
 def _format_error(err: ValidationError, raw: Any) -> str:
     # The deepest error first: for a union, the member that got furthest into the value says most.
     errors = sorted(err.errors(), key=lambda e: -len(_user_path(e["loc"], raw)))
     first = errors[0]
     kind = first["type"]
     if kind in ("extra_forbidden", "missing"):
-        path = ".".join(str(p) for p in first["loc"])
+        path = _dotted(first["loc"])
         return f"{path}: {'unknown key' if kind == 'extra_forbidden' else 'required key is missing'}"
     loc = _user_path(first["loc"], raw)
-    path = ".".join(str(p) for p in loc)
+    path = _dotted(loc)
     where = f"{path}: " if path else ""
     if "input" in first and kind != "value_error":
         # A union reports one error per member, all at the same user path: say what each accepts.
@@ -331,7 +337,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {part} is not a section")
+                raise RecipeError(f"override {text!r}: {part if part.isprintable() else repr(part)} is not a section")
             node = child
         node[path[-1]] = value
     return raw

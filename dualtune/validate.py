@@ -69,10 +69,10 @@ class Plan:
 
     def lines(self) -> list[str]:
         out = [f"recipe {self.recipe} on {self.backend} ({self.device})" + (f" -> {self.output}" if self.output else ""),
-               f"task {self.task}, {len(self.label_names)} labels: {', '.join(self.label_names)}",
+               f"task {self.task}, {len(self.label_names)} labels: {', '.join(map(datamap.shown, self.label_names))}",
                "rows: " + ", ".join(f"{k} {v}" for k, v in self.rows.items())]
         for split, counts in self.class_counts.items():
-            out.append(f"  {split} per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            out.append(f"  {split} per class: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in counts.items()))
         out.append(f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {self.epochs:.3g} epochs); "
                    f"evaluation at steps {', '.join(map(str, self.eval_points)) or 'none'}")
         if self.input_tokens:
@@ -80,7 +80,7 @@ class Plan:
             out.append(f"input tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; padded to at most "
                        f"{t['padded']} (data.max_length {t['max_length']}), {t['truncated']} rows cut")
         if self.target_tokens:
-            out.append("label tokens: " + ", ".join(f"{k} {v}" for k, v in self.target_tokens.items()))
+            out.append("label tokens: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in self.target_tokens.items()))
         if self.max_positions:
             out.append(f"model positions: {self.max_positions}")
         if self.model_parameters:
@@ -286,7 +286,7 @@ def check_labels(recipe: Recipe, raw: list[dict], rows: datamap.Rows, warnings: 
     seen = [rows.label_names[i] for i in present]
     if model.num_labels is not None and not spec.label_names and len(rows.label_names) != model.num_labels:
         raise DataError(f"model.num_labels is {model.num_labels} but {spec.source} gives {len(rows.label_names)} "
-                        f"class{'es' if len(rows.label_names) != 1 else ''} ({', '.join(rows.label_names)}); "
+                        f"class{'es' if len(rows.label_names) != 1 else ''} ({', '.join(map(datamap.shown, rows.label_names))}); "
                         f"set data.label_names to name all {model.num_labels}, or fix model.num_labels")
     if len(present) == 1:
         if model.task == "classification":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dualtune import data as datamap
@@ -78,6 +78,8 @@ def test_recipe_bytes(raw):
 
 @settings(max_examples=200, **FUZZ)
 @given(st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
+@example({"train": {"\n": None}})  # found by fuzzing: a key with a newline made a two-line error
+@example({"data.label_names": ["a\nb", "c"], "model.num_labels": 3})
 def test_recipe_values(changes):
     """A valid recipe with some keys replaced by random values of random types."""
     raw = json.loads(json.dumps(BASE))
@@ -96,6 +98,7 @@ def test_recipe_values(changes):
     st.builds(lambda k, v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}", st.sampled_from(KEYS),
               values),
     st.text(max_size=16)), max_size=3))
+@example(["optim.x\ny.z=1", "train.\n=1"])
 def test_overrides(overrides):
     works_or_one_line(recipe_from_dict, BASE, overrides)
 
