@@ -454,10 +454,15 @@ def check_adapter(run_dir: str | Path, recipe: Recipe, adapter: str | Path | Non
     if kind and kind != expected:
         raise RunDirError(f"{config_file}: a {kind} adapter, but the run's recipe says peft.method {method}")
     targets = config.get("target_modules")
+    trained_on = config.get("base_model_name_or_path")
+    on = f"; the adapter was trained on {trained_on}" if trained_on else ""
     try:
-        base = weight_names(model_dir(recipe.model.name_or_path))
+        directory = model_dir(recipe.model.name_or_path)
+        base = weight_names(directory)
+        model_config = read_config(directory)
     except BackendError:
         return  # the backend says what is wrong with the model itself
+    _check_sizes(config, config_file, tensors, weights_file, base, model_config, recipe.model.name_or_path, on)
     if not base or not targets:
         return
     modules = _module_names(base)
@@ -470,7 +475,43 @@ def check_adapter(run_dir: str | Path, recipe: Recipe, adapter: str | Path | Non
         found = all(any(m == t or m.endswith("." + t) for m in modules) for t in targets)
         wanted = sorted(targets)
     if not found:
-        trained_on = config.get("base_model_name_or_path")
-        on = f"; the adapter was trained on {trained_on}" if trained_on else ""
         raise RunDirError(f"{config_file}: target modules {wanted} not found in {recipe.model.name_or_path} "
                           f"(the run's model.name_or_path){on}: the adapter belongs to another model")
+
+
+def _first_int(config: dict, *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _check_sizes(adapter_config: dict, config_file: Path, tensors: dict, weights_file: Path,
+                 base: dict[str, list[int]] | None, model_config: dict | None, model: str, on: str) -> None:
+    """Sizes the adapter was made for against the model's: a prompt-learning adapter's width and
+    layers, a LoRA matrix's input width (peft otherwise fails with a size-mismatch traceback)."""
+    if model_config:
+        width = _first_int(model_config, "d_model", "hidden_size", "n_embd")
+        layers = _first_int(model_config, "num_layers", "num_hidden_layers", "n_layer")
+        for key, have in (("token_dim", width), ("num_layers", layers)):
+            want = adapter_config.get(key)
+            if isinstance(want, int) and have is not None and want != have:
+                raise RunDirError(f"{config_file}: {key} {want}, but {model} has {have}{on}: the adapter belongs "
+                                  f"to another model")
+    if not base:
+        return
+    for key, entry in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        parts = module.split(".")
+        # a task model's names carry a prefix the base file may lack (bert.encoder... vs encoder...)
+        names = (".".join(parts[i:]) + ".weight" for i in range(len(parts)))
+        match = next((name for name in names if name in base), None)
+        if match is None:
+            continue
+        shape, base_shape = _shape(entry), base[match]
+        if len(shape) == 2 and len(base_shape) == 2 and shape[1] != base_shape[1]:
+            raise RunDirError(f"{weights_file}: {key} takes {shape[1]} inputs, but {model}'s {match} has "
+                              f"{base_shape[1]}{on}: the adapter belongs to another model")

@@ -165,6 +165,26 @@ def test_adapter_of_another_model(tiny_bert, tmp_path):
                     f"the adapter belongs to another model")
 
 
+def test_lora_adapter_of_a_wider_model(tiny_t5, tmp_path):
+    key = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"
+    run = fake_run(tmp_path, tiny_t5, ["q", "v"], {key: np.zeros((8, 512), np.float32)})
+    assert fails("eval", str(run)) == (
+        f"dualtune: error: {run / 'adapter' / 'adapter_model.safetensors'}: {key} takes 512 inputs, but {tiny_t5}'s "
+        f"encoder.block.0.layer.0.SelfAttention.q.weight has 32; the adapter was trained on t5-small: the adapter "
+        f"belongs to another model")
+
+
+def test_prefix_adapter_of_another_model(tiny_t5, tmp_path):
+    run = fake_run(tmp_path, tiny_t5, ["q", "v"], {"prompt_embeddings": np.zeros((20, 6 * 512), np.float32)})
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "PREFIX_TUNING", "token_dim": 512, "num_layers": 6,
+                                  "base_model_name_or_path": "t5-small"}))
+    recipe = load_recipe(run / "recipe.yaml", ["peft.method=prefix"])
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    assert fails("eval", str(run)) == (f"dualtune: error: {config}: token_dim 512, but {tiny_t5} has 32; the adapter "
+                                       f"was trained on t5-small: the adapter belongs to another model")
+
+
 def test_read_only_output(tiny_bert, fin_data, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
