@@ -395,3 +395,19 @@ def test_an_error_inside_the_run_is_printed_once(tiny_bert, fin_data, tmp_path):
     assert errors == ["dualtune: error: peft.lora: No modules were targeted for adaptation"], proc.stderr[-3000:]
     assert errors[0] == proc.stderr.splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_csv_not_utf8(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"sentence,label\nSales rose .,positive\nCaf\xe9 sales fell .,negative\n")
+    with pytest.raises(DataError) as err:
+        datamap.load_rows(load_recipe(RECIPES / "minilm_demo.yaml", [f"data.source={bad}", "data.max_rows=null"]).data)
+    assert str(err.value) == f"{bad}:3: not UTF-8 (byte 0xe9 at offset 40); save the file as UTF-8"
+
+
+def test_validate_prints_warnings_and_exits_0(tiny_bert, fin_data, tmp_path):
+    proc = dualtune_cli("validate", *bert_args(tiny_bert, fin_data, tmp_path / "run", "data.max_length=4",
+                                               "data.max_rows=30"))
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]
+    assert any(w.startswith("warning: data.max_length 4 cuts the input of 30 of 30 rows (100 %; p50 ") for w in warnings)
+    assert "warning: the eval split has 6 rows: each one moves accuracy by 17 points" in warnings
