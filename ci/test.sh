@@ -5,6 +5,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh || exit 1
 export GLOG_v=3 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Lint, format and types first: seconds, and a red line before half an hour of tests.
+echo "ci: ruff check, ruff format --check, mypy"
+.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy || exit 1
 reports=$(mktemp -d)
 status=0
 .venv/bin/python -m pytest tests --ignore=tests/mindspore -q -p no:cacheprovider --junitxml "$reports/torch.xml" "$@" || status=1

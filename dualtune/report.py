@@ -46,7 +46,7 @@ def _read(path: Path, loader):
     return value
 
 
-def main_metric(task: str, final: dict) -> str:
+def main_metric(task: str | None, final: dict) -> str:
     """What the task is judged by: accuracy; seq2seq exact_match (generated text), else teacher-forced."""
     if task == "classification":
         return "accuracy"

@@ -253,7 +253,7 @@ class RunDir:
                 check_target(self.target, self.overwrite)
             if self.resume_from is None:
                 self.path.mkdir(parents=True)
-            elif read_marker(self.resume_from) and read_marker(self.resume_from).get("status") == "finished":
+            elif (read_marker(self.resume_from) or {}).get("status") == "finished":
                 shutil.copytree(self.resume_from, self.path)  # a finished run stays as it is until this one ends
             else:
                 os.replace(self.resume_from, self.path)

@@ -363,7 +363,7 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
             backend.assign_trainable(prep.model, best.state)
             evaluation = evaluate(backend, prep)
             metrics = evaluation.metrics
-            selected = best.step
+            selected = best.step if best.step is not None else selected
         backend.save(prep.model, run.path / "adapter", recipe.peft)
         write_evaluation(run.path, evaluation)
         final = {"backend": backend.name, "device": backend.device, "steps": state.step,
