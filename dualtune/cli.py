@@ -361,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides += extra
+    # `--resume train.epochs=7`: an override, not a run directory (--resume takes an optional value).
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        args.overrides.append(resume)
+        args.resume = True
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,

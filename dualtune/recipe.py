@@ -173,6 +173,9 @@ class TrainSpec(_Strict):
     epochs: int = Field(default=1, ge=1)
     max_steps: Optional[int] = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
     batch_size: int = Field(default=8, ge=1)
+    # k micro-batches of batch_size per optimizer step: the step of one batch of k * batch_size
+    # (the same rows, the loss weighted by each micro-batch's share of examples or label tokens).
+    grad_accum_steps: int = Field(default=1, ge=1)
     # Batches of similar length (seeded, the same on every backend): less padding, faster steps.
     group_by_length: bool = False
     eval_batch_size: Optional[int] = Field(default=None, ge=1)

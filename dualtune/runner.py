@@ -24,7 +24,7 @@ from dualtune.rundir import (MARKER, RunDir, RunInterrupted, TargetLock, check_t
                              latest_checkpoint, load_checkpoint, peak_rss_mb, read_marker, save_checkpoint,
                              unfinished_runs, write_atomic, write_json)
 from dualtune.metrics import better
-from dualtune.trainer import BestCheckpoint, KeepBest, Resume, train
+from dualtune.trainer import BestCheckpoint, KeepBest, Resume, total_steps, train
 from dualtune.report import plot_curves
 from dualtune.tracking import Tracking, check_trackers
 
@@ -237,8 +237,8 @@ def _resume_state(backend: Backend, prep: Prepared, path: Path, best: BestCheckp
         best.state = tensors.get("best")
     if info.get("first_loss") is not None:
         first_loss.append(info["first_loss"])
-    log.info("resuming from %s: step %d of %d (epoch %d, batch %d)", path, info["step"], info["total_steps"],
-             info["epoch"] + 1, info["position"])
+    log.info("resuming from %s: step %d of %d (epoch %d, batch %d)", path, info["step"],
+             total_steps(prep.recipe, len(prep.train_set), backend.world()[1]), info["epoch"] + 1, info["position"])
     return Resume(info["step"], info["epoch"], info["position"], optimizer,
                   tensors.get("rng") if same_framework else None)
 
@@ -313,6 +313,8 @@ def _run_in(run: RunDir, recipe: Recipe, backend: Backend, progress: bool | None
     try:
         if not resumed:
             run.mark("running", recipe=recipe.name, backend=backend.name, dualtune=__version__)
+        else:
+            run.mark("running", backend=backend.name)  # a resume may continue on the other stack
         write_atomic(run.path / "recipe.yaml", recipe.to_yaml())
         prep = prepare(recipe, backend)
         if not recipe.data.label_names:  # the effective recipe names the classes the data gave
