@@ -64,31 +64,58 @@ def say(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bench.py", description="Benchmark a recipe's training and evaluation on one backend against "
+        prog="bench.py",
+        description="Benchmark a recipe's training and evaluation on one backend against "
         "the plain HF reference (Trainer + peft on torch; a plain mindnlp loop on MindSpore).",
         epilog="overrides are recipe key=value pairs (after the bench's data.source=synthetic, "
-               "data.padding=max_length defaults); --model wins over model.name_or_path")
+        "data.padding=max_length defaults); --model wins over model.name_or_path",
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--backend", choices=["torch", "mindspore"], default="torch")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 1 warm-up step)")
     p.add_argument("--eval-batches", type=int, default=2, help="timed eval batches (after 1 warm-up batch)")
-    p.add_argument("--model", default="auto",
-                   help="t5-small-config | minilm-config | tiny | recipe | PATH | auto (default: the "
-                        "recipe's model if it is on this disk, else t5-small-config / minilm-config)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="intra-op threads for both sides (torch.set_num_threads, OMP_NUM_THREADS)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run each side this many times, alternating; the medians are reported (default 1)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="before each side, wait up to SECONDS for other processes to use < 10 %% of the "
-                        "cores, and run a side again (twice at most) if they used more while it ran")
-    p.add_argument("--reference", nargs="+", default=[], metavar="key=value",
-                   help="overrides for the reference side only, e.g. data.padding=max_length (the "
-                        "notebooks' way) against dualtune's data.padding=longest train.group_by_length=true")
-    p.add_argument("--against", choices=["reference", "torch"], default="reference",
-                   help="what the reference side runs: the plain HF reference (default), or, with "
-                        "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch)")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="t5-small-config | minilm-config | tiny | recipe | PATH | auto (default: the "
+        "recipe's model if it is on this disk, else t5-small-config / minilm-config)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="intra-op threads for both sides (torch.set_num_threads, OMP_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each side this many times, alternating; the medians are reported (default 1)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each side, wait up to SECONDS for other processes to use < 10 %% of the "
+        "cores, and run a side again (twice at most) if they used more while it ran",
+    )
+    p.add_argument(
+        "--reference",
+        nargs="+",
+        default=[],
+        metavar="key=value",
+        help="overrides for the reference side only, e.g. data.padding=max_length (the "
+        "notebooks' way) against dualtune's data.padding=longest train.group_by_length=true",
+    )
+    p.add_argument(
+        "--against",
+        choices=["reference", "torch"],
+        default="reference",
+        help="what the reference side runs: the plain HF reference (default), or, with "
+        "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch)",
+    )
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--only", choices=["dualtune", "reference"], help=argparse.SUPPRESS)
     return p
@@ -122,10 +149,17 @@ def set_up(args: argparse.Namespace, work: Path, env: dict) -> tuple[object, dic
     overrides.append(f"model.name_or_path={model_dir}")
     recipe = load_recipe(args.recipe, overrides)
     load_recipe(args.recipe, overrides + list(args.reference))  # bad reference overrides: fail now
-    cfg = {"recipe": str(Path(args.recipe).resolve()), "overrides": overrides,
-           "reference_overrides": list(args.reference), "backend": args.backend,
-           "steps": args.steps, "eval_batches": args.eval_batches, "threads": args.threads,
-           "model_dir": model_dir, "against": args.against}
+    cfg = {
+        "recipe": str(Path(args.recipe).resolve()),
+        "overrides": overrides,
+        "reference_overrides": list(args.reference),
+        "backend": args.backend,
+        "steps": args.steps,
+        "eval_batches": args.eval_batches,
+        "threads": args.threads,
+        "model_dir": model_dir,
+        "against": args.against,
+    }
     (work / "config.json").write_text(json.dumps(cfg))
     return recipe, cfg, {"choice": args.model, "kind": kind, "path": model_dir, **model_info}
 
@@ -138,11 +172,23 @@ def run_side(side: str, rep: int, args: argparse.Namespace, work: Path, env: dic
         if args.wait_quiet:
             usage["other_cpu_share_before"] = wait_quiet(args.wait_quiet, say)
         result = work / f"{side}-{rep}.json"
-        spawn(["--child", side, str(work / "config.json"), str(result)], env, work / f"{side}-{rep}.log", side, usage)
+        spawn(
+            ["--child", side, str(work / "config.json"), str(result)],
+            env,
+            work / f"{side}-{rep}.log",
+            side,
+            usage,
+        )
         got = {**json.loads(result.read_text()), **usage}
         share = usage.get("other_cpu_share")
-        say(f"{side} done in {usage['child_wall_seconds']:.1f} s: {got['steps_per_s']:.4g} steps/s"
-            + (f", other processes used {100 * share:.0f} % of the cores meanwhile" if share is not None else ""))
+        say(
+            f"{side} done in {usage['child_wall_seconds']:.1f} s: {got['steps_per_s']:.4g} steps/s"
+            + (
+                f", other processes used {100 * share:.0f} % of the cores meanwhile"
+                if share is not None
+                else ""
+            )
+        )
         if not args.wait_quiet or share is None or share < BUSY_SHARE or len(discarded) >= BUSY_RETRIES:
             return {**got, "discarded_busy_runs": discarded}
         say(f"discarding that {side} run (the machine was busy); running it again")
@@ -156,27 +202,44 @@ def run_sides(args: argparse.Namespace, work: Path, env: dict) -> dict[str, dict
         for side in ("dualtune", "reference"):
             if args.only and side != args.only:
                 continue
-            say(f"{side} on {args.backend}: {args.steps} timed steps + {WARMUP_STEPS} warm-up, "
-                f"{args.eval_batches} eval batches" + (f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else "")
-                + " ...")
+            say(
+                f"{side} on {args.backend}: {args.steps} timed steps + {WARMUP_STEPS} warm-up, "
+                f"{args.eval_batches} eval batches"
+                + (f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else "")
+                + " ..."
+            )
             runs.setdefault(side, []).append(run_side(side, rep, args, work, env))
     return {side: summarize(results) for side, results in runs.items()}
 
 
 def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: dict, loads: tuple) -> dict:
     report = {
-        "recipe": Path(args.recipe).stem, "recipe_path": str(args.recipe), "backend": args.backend,
+        "recipe": Path(args.recipe).stem,
+        "recipe_path": str(args.recipe),
+        "backend": args.backend,
         "against": "dualtune on torch" if args.against == "torch" else "plain HF reference",
         "command": shlex.join([".venv/bin/python", "benchmarks/bench.py", *argv]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "model": model,
-        "overrides": cfg["overrides"], "reference_overrides": list(args.reference),
-        "method": recipe.peft.method, "task": recipe.model.task,
-        "steps": args.steps, "warmup_steps": WARMUP_STEPS, "eval_batches": args.eval_batches,
-        "warmup_eval_batches": WARMUP_EVAL_BATCHES, "batch_size": recipe.train.batch_size,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model": model,
+        "overrides": cfg["overrides"],
+        "reference_overrides": list(args.reference),
+        "method": recipe.peft.method,
+        "task": recipe.model.task,
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "eval_batches": args.eval_batches,
+        "warmup_eval_batches": WARMUP_EVAL_BATCHES,
+        "batch_size": recipe.train.batch_size,
         "eval_batch_size": recipe.train.eval_batch_size or recipe.train.batch_size,
-        "max_length": recipe.data.max_length, "label_max_length": recipe.data.label_max_length,
-        "padding": recipe.data.padding, "threads": args.threads, "repeat": args.repeat,
-        "machine": machine(*loads), "versions": versions(args.backend), **sides}
+        "max_length": recipe.data.max_length,
+        "label_max_length": recipe.data.label_max_length,
+        "padding": recipe.data.padding,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "machine": machine(*loads),
+        "versions": versions(args.backend),
+        **sides,
+    }
     if len(sides) == 2:
         report["ratios"] = ratios(sides)
     return report
@@ -184,15 +247,19 @@ def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: d
 
 def print_summary(report: dict, model_kind: str, loads: tuple) -> None:
     """The run in one line, the table, and how busy the machine was (both sides ran)."""
-    print(f"{report['recipe']} on {report['backend']} against the {report['against']}: model {model_kind}, batch "
-          f"{report['batch_size']} x {report['max_length']} ({report['padding']}), {report['steps']} steps, "
-          f"{report['eval_batches']} eval batches, {report['threads']} threads, "
-          f"load {loads[0][0]:.2f} -> {loads[1][0]:.2f}")
+    print(
+        f"{report['recipe']} on {report['backend']} against the {report['against']}: model {model_kind}, batch "
+        f"{report['batch_size']} x {report['max_length']} ({report['padding']}), {report['steps']} steps, "
+        f"{report['eval_batches']} eval batches, {report['threads']} threads, "
+        f"load {loads[0][0]:.2f} -> {loads[1][0]:.2f}"
+    )
     print(format_table(report))
     shares = [report[s].get("other_cpu_share") for s in ("dualtune", "reference")]
     if None not in shares:
-        print(f"other processes used {100 * shares[0]:.0f} % / {100 * shares[1]:.0f} % of the cores "
-              f"while dualtune / reference ran" + (" (median of runs)" if report["repeat"] > 1 else ""))
+        print(
+            f"other processes used {100 * shares[0]:.0f} % / {100 * shares[1]:.0f} % of the cores "
+            f"while dualtune / reference ran" + (" (median of runs)" if report["repeat"] > 1 else "")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,9 @@ def data_settings(recipe) -> dict:
 def timed_steps(steps: int, step_ends: list[float], step_tokens: list[int]) -> dict:
     """The timed part of a side's training: the ``steps`` after the warm-up, from the time each step
     ended and its tokens (warm-up steps included in both lists)."""
-    return {"train_steps": steps, "train_seconds": step_ends[-1] - step_ends[WARMUP_STEPS - 1],
-            "step_seconds": [b - a for a, b in zip(step_ends[WARMUP_STEPS - 1:], step_ends[WARMUP_STEPS:])],
-            "train_tokens": sum(step_tokens[WARMUP_STEPS:])}
+    return {
+        "train_steps": steps,
+        "train_seconds": step_ends[-1] - step_ends[WARMUP_STEPS - 1],
+        "step_seconds": [b - a for a, b in zip(step_ends[WARMUP_STEPS - 1 :], step_ends[WARMUP_STEPS:])],
+        "train_tokens": sum(step_tokens[WARMUP_STEPS:]),
+    }

@@ -26,11 +26,22 @@ SETTINGS = {  # name -> cpu_speed functions applied, in order
     "+ kernel threads = cores": ["synchronous_launch", "kernel_threads"],
     "+ linear as MatMul": ["synchronous_launch", "kernel_threads", "patch_linear"],
     "+ RMS norms by rows": ["synchronous_launch", "kernel_threads", "patch_linear", "patch_rms_norms"],
-    "+ transposes as row gathers": ["synchronous_launch", "kernel_threads", "patch_linear", "patch_rms_norms",
-                                    "patch_transposes"],
+    "+ transposes as row gathers": [
+        "synchronous_launch",
+        "kernel_threads",
+        "patch_linear",
+        "patch_rms_norms",
+        "patch_transposes",
+    ],
     # not a cpu_speed function: the backend's value_and_grad leaves a frozen encoder unrecorded
-    "+ frozen encoder unrecorded (dualtune)": ["synchronous_launch", "kernel_threads", "patch_linear",
-                                               "patch_rms_norms", "patch_transposes", "frozen_encoder"],
+    "+ frozen encoder unrecorded (dualtune)": [
+        "synchronous_launch",
+        "kernel_threads",
+        "patch_linear",
+        "patch_rms_norms",
+        "patch_transposes",
+        "frozen_encoder",
+    ],
 }
 AFTER_IMPORT = ("patch_linear", "patch_rms_norms", "patch_transposes")  # these patch mindtorch / transformers
 
@@ -46,21 +57,24 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
         if name not in (*AFTER_IMPORT, "frozen_encoder"):
             getattr(cpu_speed, name)()
     import mindnlp  # noqa: F401  (import torch -> mindtorch)
-
-    from dualtune.backends.mindspore.step import encoder_outputs, frozen_encoder
     import numpy as np
     import torch
     from mindtorch.autograd import value_and_grad
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from dualtune.backends.mindspore.step import encoder_outputs, frozen_encoder
+
     for name in names:
         if name in AFTER_IMPORT:
             getattr(cpu_speed, name)()
     config = T5Config(**{**T5_SMALL_CONFIG, "dropout_rate": 0.0})
     torch.manual_seed(0)
-    peft_config = (PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=20) if method == "prefix"
-                   else LoraConfig(task_type="SEQ_2_SEQ_LM", r=8, target_modules=["q", "v"]))
+    peft_config = (
+        PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=20)
+        if method == "prefix"
+        else LoraConfig(task_type="SEQ_2_SEQ_LM", r=8, target_modules=["q", "v"])
+    )
     model = get_peft_model(T5ForConditionalGeneration(config), peft_config)
     rng = np.random.default_rng(0)
     ids = torch.tensor(rng.integers(5, 32000, (8, length)), dtype=torch.int64)
@@ -68,8 +82,13 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     mask = torch.ones_like(ids)
     encoder = frozen_encoder(model, params) if "frozen_encoder" in names else None
-    step = value_and_grad(lambda *outputs: model(input_ids=ids, attention_mask=mask, labels=labels,
-                                                 encoder_outputs=outputs or None).loss, params, attach_grads=False)
+    step = value_and_grad(
+        lambda *outputs: (
+            model(input_ids=ids, attention_mask=mask, labels=labels, encoder_outputs=outputs or None).loss
+        ),
+        params,
+        attach_grads=False,
+    )
     seconds = []
     for _ in range(1 + steps):  # the first is a warm-up
         started = time.perf_counter()
@@ -92,9 +111,23 @@ def main() -> int:
     base = None
     print(f"t5-small config, {args.method}, batch 8 x {args.length}, median of {args.steps} steps")
     for label, names in SETTINGS.items():
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(names), "--length", str(args.length),
-                              "--steps", str(args.steps), "--method", args.method],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                json.dumps(names),
+                "--length",
+                str(args.length),
+                "--steps",
+                str(args.steps),
+                "--method",
+                args.method,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         got = json.loads(out.stdout.strip().splitlines()[-1])
         median = statistics.median(got["seconds"])
         base = base or median

@@ -13,18 +13,42 @@ from processes import spawn
 # t5-small's public config.json (https://huggingface.co/t5-small/blob/main/config.json), without
 # task_specific_params. feed_forward_proj "relu" and tied embeddings are the T5Config defaults it relies on.
 T5_SMALL_CONFIG = {
-    "d_model": 512, "d_ff": 2048, "d_kv": 64, "num_heads": 8, "num_layers": 6, "num_decoder_layers": 6,
-    "vocab_size": 32128, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0,
-    "feed_forward_proj": "relu", "is_encoder_decoder": True, "tie_word_embeddings": True,
-    "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "n_positions": 512,
+    "d_model": 512,
+    "d_ff": 2048,
+    "d_kv": 64,
+    "num_heads": 8,
+    "num_layers": 6,
+    "num_decoder_layers": 6,
+    "vocab_size": 32128,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": "relu",
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "n_positions": 512,
 }
 # sentence-transformers/all-MiniLM-L6-v2's config.json (BERT architecture).
 MINILM_CONFIG = {
-    "hidden_size": 384, "intermediate_size": 1536, "num_attention_heads": 12, "num_hidden_layers": 6,
-    "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12,
-    "initializer_range": 0.02, "pad_token_id": 0, "position_embedding_type": "absolute",
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 6,
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
 }
 GENERATED = ("t5-small-config", "minilm-config", "tiny")
 
@@ -36,7 +60,9 @@ def word_tokenizer(texts):
 
     tok = tiny_tokenizer(texts)
     if tok.unk_token_id in tok("operating profit rose")["input_ids"]:
-        raise BenchError("dualtune.tiny.tiny_tokenizer maps known words to <unk>; inputs would be 2 tokens long")
+        raise BenchError(
+            "dualtune.tiny.tiny_tokenizer maps known words to <unk>; inputs would be 2 tokens long"
+        )
     return tok
 
 
@@ -88,5 +114,7 @@ def resolve_model(choice: str, recipe, work: Path, env: dict, say) -> tuple[str,
         stdout = spawn(["--make-model", kind, str(out)], env, work / "make-model.log", "making the model")
         return kind, str(out), json.loads(stdout.strip().splitlines()[-1])
     if not Path(choice).is_dir():
-        raise BenchError(f"--model {choice}: not {', '.join(GENERATED + ('recipe', 'auto'))} and not a directory")
+        raise BenchError(
+            f"--model {choice}: not {', '.join(GENERATED + ('recipe', 'auto'))} and not a directory"
+        )
     return "path", str(Path(choice).resolve()), {}

@@ -23,10 +23,19 @@ BUSY_RETRIES = 2
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.pop("DUALTUNE_BACKEND", None)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "GLOG_v": env.get("GLOG_v", "3"),
-                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "GLOG_v": env.get("GLOG_v", "3"),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TRANSFORMERS_VERBOSITY": "error",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     return env
 
 
@@ -56,7 +65,9 @@ def wait_quiet(limit_s: float, say, threshold: float = BUSY_SHARE, window_s: flo
                 say(f"still busy after {limit_s:.0f} s ({100 * share:.0f} % of the cores); measuring anyway")
             return share
         if not told:
-            say(f"other processes use {100 * share:.0f} % of the cores; waiting up to {limit_s:.0f} s for quiet")
+            say(
+                f"other processes use {100 * share:.0f} % of the cores; waiting up to {limit_s:.0f} s for quiet"
+            )
             told = True
 
 
@@ -70,8 +81,9 @@ def spawn(args: list[str], env: dict, log_path: Path, what: str, usage: dict | N
     everything else on the machine used meanwhile (other jobs competing for the cores)."""
     busy0, own0, wall0 = busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(BENCH), *args], stdout=subprocess.PIPE, stderr=log,
-                              text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(BENCH), *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
     busy1, own1, wall1 = busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     if usage is not None:
         usage["child_wall_seconds"] = wall1 - wall0

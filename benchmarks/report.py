@@ -12,11 +12,22 @@ from pathlib import Path
 from common import rate
 
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
-LABELS = {"steps_per_s": "train steps/s", "tokens_per_s": "train tokens/s",
-          "eval_samples_per_s": "eval samples/s", "peak_rss_mb": "peak RSS MB"}
+LABELS = {
+    "steps_per_s": "train steps/s",
+    "tokens_per_s": "train tokens/s",
+    "eval_samples_per_s": "eval samples/s",
+    "peak_rss_mb": "peak RSS MB",
+}
 # With --repeat, these are the medians over the runs (the other fields are the last run's).
-MEDIAN_FIELDS = METRICS + ("train_seconds", "eval_seconds", "wall_seconds", "child_wall_seconds",
-                           "child_cpu_seconds", "other_cpu_seconds", "other_cpu_share")
+MEDIAN_FIELDS = METRICS + (
+    "train_seconds",
+    "eval_seconds",
+    "wall_seconds",
+    "child_wall_seconds",
+    "child_cpu_seconds",
+    "other_cpu_seconds",
+    "other_cpu_share",
+)
 
 
 def summarize(results: list[dict]) -> dict:
@@ -44,7 +55,9 @@ def format_table(report: dict) -> str:
 
 
 def versions(backend: str) -> dict:
-    names = ["torch", "transformers", "peft", "tokenizers"] + (["mindspore", "mindnlp"] if backend == "mindspore" else [])
+    names = ["torch", "transformers", "peft", "tokenizers"] + (
+        ["mindspore", "mindnlp"] if backend == "mindspore" else []
+    )
     out = {}
     for n in names:
         try:
@@ -65,6 +78,11 @@ def cpu_model() -> str:
 
 
 def machine(load_before: tuple, load_after: tuple) -> dict:
-    return {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "loadavg_before": list(load_before),
-            "loadavg_after": list(load_after)}
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+    }

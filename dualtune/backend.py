@@ -23,8 +23,9 @@ import importlib
 import os
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class FrameworkStep(ABC):
     """What a framework must supply. The core calls these in this order each optimizer step:
     ``to_tensors`` (numpy batch in), ``value_and_grad``, ``clip_grads``, ``apply_update``."""
 
-    name: str    # "torch", "mindspore": the --backend value
+    name: str  # "torch", "mindspore": the --backend value
     device: str  # the --device value this backend was created for ("cpu", "cuda:0", "ascend")
 
     @abstractmethod
@@ -102,7 +103,9 @@ class FrameworkStep(ABC):
     def all_reduce_sum(self, tensors: list[Tensor], scalars: list[float]) -> tuple[list[Tensor], list[float]]:
         """Each tensor and each float summed over every process (the same result on each)."""
         if self.world()[1] != 1:
-            raise NotImplementedError(f"{type(self).__name__} runs several processes but has no all_reduce_sum")
+            raise NotImplementedError(
+                f"{type(self).__name__} runs several processes but has no all_reduce_sum"
+            )
         return tensors, scalars
 
 
@@ -180,8 +183,9 @@ class Backend(FrameworkStep):
         """Overwrite the method's weights in ``model`` with those ``save`` wrote to ``directory``."""
 
     @abstractmethod
-    def load_trained(self, model_spec: Any, label_names: Sequence[str], tokenizer: Any, peft_spec: Any,
-                     directory: Path) -> Any:
+    def load_trained(
+        self, model_spec: Any, label_names: Sequence[str], tokenizer: Any, peft_spec: Any, directory: Path
+    ) -> Any:
         """The base model with the weights saved by ``save``, ready for evaluation."""
 
     @abstractmethod
@@ -207,7 +211,8 @@ def get_backend(name: str | None = None, device: str = "cpu") -> Backend:
         if _active.name != name:
             raise BackendError(
                 f"the {_active.name} backend is already active in this process; {name} needs a "
-                f"process of its own (mindnlp takes over `import torch` for the whole process)")
+                f"process of its own (mindnlp takes over `import torch` for the whole process)"
+            )
         return _active
     module = importlib.import_module(f"dualtune.backends.{name}")
     backend: Backend = module.create(device)

@@ -12,9 +12,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dualtune.metrics import better
 
@@ -32,7 +33,7 @@ class LoopState:
     epoch: int = 0
     position: int = 0
     optimizer: Any = None
-    stop: bool = False          # a callback sets it to end training after this step
+    stop: bool = False  # a callback sets it to end training after this step
     stop_reason: str = ""
     last_eval: dict = field(default_factory=dict)
 
@@ -95,8 +96,9 @@ class NanGuard(Callback):
 
     def on_step_end(self, state, record):
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}; "
-                                     f"lower optim.lr or set optim.grad_clip")
+            raise FloatingPointError(
+                f"loss is {record['loss']} at step {record['step']}; lower optim.lr or set optim.grad_clip"
+            )
 
 
 class MetricsFile(Callback):
@@ -141,8 +143,15 @@ class Progress(Callback):
             done = record["step"] - self._start_step
             rate = done / max(now - self._started, 1e-9)
             eta = (state.total_steps - record["step"]) / rate if rate > 0 else float("inf")
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  eta %s", record["step"], state.total_steps,
-                     record["loss"], record["lr"], rate, _duration(eta))
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  eta %s",
+                record["step"],
+                state.total_steps,
+                record["loss"],
+                record["lr"],
+                rate,
+                _duration(eta),
+            )
 
     def on_train_end(self, state, records):
         if self._bar is not None:
@@ -153,8 +162,11 @@ def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class EarlyStopping(Callback):
@@ -173,5 +185,7 @@ class EarlyStopping(Callback):
         self.bad += 1
         if self.bad >= self.patience:
             state.stop = True
-            state.stop_reason = (f"early stopping at step {record['step']}: {self.metric} has not improved on "
-                                 f"{self.best:.4f} for {self.bad} evaluation{'s' * (self.bad > 1)}")
+            state.stop_reason = (
+                f"early stopping at step {record['step']}: {self.metric} has not improved on "
+                f"{self.best:.4f} for {self.bad} evaluation{'s' * (self.bad > 1)}"
+            )

@@ -45,127 +45,203 @@ again under its number (from its checkpoint). --jobs J runs J worker processes o
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("DUALTUNE_BACKEND", "torch"),
-                   help="framework to run on (default: $DUALTUNE_BACKEND or torch)")
-    p.add_argument("--device", default="cpu",
-                   help="torch: cpu | cuda[:N]; mindspore: cpu | ascend | gpu (default: cpu)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("DUALTUNE_BACKEND", "torch"),
+        help="framework to run on (default: $DUALTUNE_BACKEND or torch)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch: cpu | cuda[:N]; mindspore: cpu | ascend | gpu (default: cpu)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualtune",
         description="Parameter-efficient fine-tuning of Hugging Face models from one YAML recipe, "
-                    "on PyTorch or on MindSpore, with the same numbers on both.")
+        "on PyTorch or on MindSpore, with the same numbers on both.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="also list every trainable tensor")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="fine-tune as a recipe says", epilog=EPILOG_RUN,
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Fine-tune a model as RECIPE says and write a run directory.")
+    run = sub.add_parser(
+        "run",
+        help="fine-tune as a recipe says",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a model as RECIPE says and write a run directory.",
+    )
     run.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=3e-4")
     _backend_arg(run)
     run.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the output directory if it holds a finished dualtune run (never anything else)")
-    run.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                     help="continue an interrupted run from its last checkpoint: RUN_DIR, or by default the "
-                          "unfinished run of the output directory (<dir>.failed, <dir>.partial-PID)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output directory if it holds a finished dualtune run (never anything else)",
+    )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint: RUN_DIR, or by default the "
+        "unfinished run of the output directory (<dir>.failed, <dir>.partial-PID)",
+    )
     run.add_argument("--no-progress", action="store_true", help="progress lines instead of a bar")
-    run.add_argument("--nproc", type=int, default=1, metavar="N",
-                     help="data parallel on N processes through torchrun (--backend torch; gloo on cpu, nccl "
-                          "on cuda): each takes train.batch_size rows of every step; the same as "
-                          "`torchrun --nproc-per-node N -m dualtune.cli run ...`")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data parallel on N processes through torchrun (--backend torch; gloo on cpu, nccl "
+        "on cuda): each takes train.batch_size rows of every step; the same as "
+        "`torchrun --nproc-per-node N -m dualtune.cli run ...`",
+    )
 
-    val = sub.add_parser("validate", help="check a recipe, its data and its output without training",
-                         description="Check everything about RECIPE that needs no framework and no model "
-                                     "weights (recipe, data, labels, lengths against config.json, label words, "
-                                     "output location, device) and print the plan: rows and classes per split, "
-                                     "steps, evaluation points, token lengths, warnings. Exit 0 or 2. "
-                                     "dualtune run makes the same checks first.")
+    val = sub.add_parser(
+        "validate",
+        help="check a recipe, its data and its output without training",
+        description="Check everything about RECIPE that needs no framework and no model "
+        "weights (recipe, data, labels, lengths against config.json, label words, "
+        "output location, device) and print the plan: rows and classes per split, "
+        "steps, evaluation points, token lengths, warnings. Exit 0 or 2. "
+        "dualtune run makes the same checks first.",
+    )
     val.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     val.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=3e-4")
     _backend_arg(val)
     val.add_argument("--output-dir", help="run directory (overrides train.output_dir)")
-    val.add_argument("--overwrite", action="store_true", help="as for run: a finished run there may be replaced")
+    val.add_argument(
+        "--overwrite", action="store_true", help="as for run: a finished run there may be replaced"
+    )
 
-    ev = sub.add_parser("eval", help="evaluate a run directory on either backend",
-                        description="Evaluate RUN_DIR's adapter on its recipe's eval split, on either "
-                                    "backend (whichever trained it). Writes RUN_DIR/eval/BACKEND/.")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a run directory on either backend",
+        description="Evaluate RUN_DIR's adapter on its recipe's eval split, on either "
+        "backend (whichever trained it). Writes RUN_DIR/eval/BACKEND/.",
+    )
     ev.add_argument("run_dir")
-    ev.add_argument("--checkpoint", metavar="DIR",
-                    help="evaluate this checkpoint (RUN_DIR/checkpoints/step-N) instead of the final adapter; "
-                         "also for unfinished runs")
+    ev.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="evaluate this checkpoint (RUN_DIR/checkpoints/step-N) instead of the final adapter; "
+        "also for unfinished runs",
+    )
     _backend_arg(ev)
 
-    pred = sub.add_parser("predict", help="label new text with a run directory's adapter",
-                          description="Label TEXT (or each non-blank line of --file) with RUN_DIR's "
-                                      "trained adapter. Prints one JSON object per text: classification "
-                                      '{"text", "label", "scores": {label: probability}}; seq2seq '
-                                      '{"text", "label": generated text}.')
+    pred = sub.add_parser(
+        "predict",
+        help="label new text with a run directory's adapter",
+        description="Label TEXT (or each non-blank line of --file) with RUN_DIR's "
+        "trained adapter. Prints one JSON object per text: classification "
+        '{"text", "label", "scores": {label: probability}}; seq2seq '
+        '{"text", "label": generated text}.',
+    )
     pred.add_argument("run_dir")
     pred.add_argument("texts", nargs="*", metavar="TEXT")
     pred.add_argument("--file", help="UTF-8 text file, one text per line (blank lines skipped)")
-    pred.add_argument("--batch-size", type=int, default=None,
-                      help="texts per forward pass (default: the run's eval batch size)")
+    pred.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="texts per forward pass (default: the run's eval batch size)",
+    )
     _backend_arg(pred)
 
-    rep = sub.add_parser("report", help="finished runs side by side in one table",
-                         description="One row per RUN_DIR (in the order given) from its final_metrics.json, "
-                                     "trainable.json and recipe.yaml: backend, method, the task's main metric "
-                                     "(accuracy; seq2seq exact_match, else teacher_forced_accuracy), macro F1, "
-                                     "trainable parameters, train time, peak memory, steps. Loads no framework.")
+    rep = sub.add_parser(
+        "report",
+        help="finished runs side by side in one table",
+        description="One row per RUN_DIR (in the order given) from its final_metrics.json, "
+        "trainable.json and recipe.yaml: backend, method, the task's main metric "
+        "(accuracy; seq2seq exact_match, else teacher_forced_accuracy), macro F1, "
+        "trainable parameters, train time, peak memory, steps. Loads no framework.",
+    )
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
-    rep.add_argument("--plot", metavar="OUT.png", default=None,
-                     help="also write the runs' curves to one PNG: train loss per step, eval loss and the "
-                          "judged metric at each evaluation (from each run's metrics.jsonl)")
+    rep.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="also write the runs' curves to one PNG: train loss per step, eval loss and the "
+        "judged metric at each evaluation (from each run's metrics.jsonl)",
+    )
 
-    cmp = sub.add_parser("compare", help="run a recipe on both backends and compare the numbers",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Run RECIPE on torch and on MindSpore (separate processes) from the "
-                                     "same initial adapter with dropout off, then report per-step losses, "
-                                     "gradient norms and final metrics side by side against tolerances. "
-                                     "Exit status 0 only if every check passes.",
-                         epilog="writes OUT/report.txt, OUT/report.json, OUT/loss_curves.png and both runs")
+    cmp = sub.add_parser(
+        "compare",
+        help="run a recipe on both backends and compare the numbers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run RECIPE on torch and on MindSpore (separate processes) from the "
+        "same initial adapter with dropout off, then report per-step losses, "
+        "gradient norms and final metrics side by side against tolerances. "
+        "Exit status 0 only if every check passes.",
+        epilog="writes OUT/report.txt, OUT/report.json, OUT/loss_curves.png and both runs",
+    )
     cmp.add_argument("recipe")
     cmp.add_argument("overrides", nargs="*", metavar="key=value")
     cmp.add_argument("--out", default=None, help="output directory (default: runs/compare-{recipe})")
-    cmp.add_argument("--steps", type=int, default=20, help="optimizer steps per backend (0: the whole recipe)")
-    cmp.add_argument("--layers", action="store_true",
-                     help="also compare every module's output on one batch, to find the first divergence")
+    cmp.add_argument(
+        "--steps", type=int, default=20, help="optimizer steps per backend (0: the whole recipe)"
+    )
+    cmp.add_argument(
+        "--layers",
+        action="store_true",
+        help="also compare every module's output on one batch, to find the first divergence",
+    )
 
-    tiny = sub.add_parser("tiny", help="write a tiny random model + tokenizer for offline smoke runs",
-                          description="Write a tiny, randomly initialised T5, BERT or Llama and a word-level "
-                                      "tokenizer built from the synthetic data, for tests and smoke "
-                                      "runs where no model hub is reachable.")
+    tiny = sub.add_parser(
+        "tiny",
+        help="write a tiny random model + tokenizer for offline smoke runs",
+        description="Write a tiny, randomly initialised T5, BERT or Llama and a word-level "
+        "tokenizer built from the synthetic data, for tests and smoke "
+        "runs where no model hub is reachable.",
+    )
     tiny.add_argument("kind", choices=TINY_KINDS)
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     _backend_arg(tiny)
 
-    syn = sub.add_parser("synthetic-data", help="write the synthetic financial-sentiment dataset",
-                         description="Write the SYNTHETIC financial-sentiment dataset (made-up sentences "
-                                     "with financial_phrasebank's fields and labels) as JSONL.")
+    syn = sub.add_parser(
+        "synthetic-data",
+        help="write the synthetic financial-sentiment dataset",
+        description="Write the SYNTHETIC financial-sentiment dataset (made-up sentences "
+        "with financial_phrasebank's fields and labels) as JSONL.",
+    )
     syn.add_argument("out", help="output .jsonl path")
     syn.add_argument("--rows", type=int, default=1000)
     syn.add_argument("--seed", type=int, default=0)
 
-    swp = sub.add_parser("sweep", help="search hyperparameters with Optuna, one run per trial",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Search the recipe keys SPACE.yaml names (categorical, int, float, log "
-                                     "distributions; metric and direction) with Optuna's seeded TPE sampler and "
-                                     "median pruner. Each trial is a `dualtune run` in a process of its own, in "
-                                     "OUT/trial-NNN; its evaluations feed the pruner as they are written.",
-                         epilog=EPILOG_SWEEP)
+    swp = sub.add_parser(
+        "sweep",
+        help="search hyperparameters with Optuna, one run per trial",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search the recipe keys SPACE.yaml names (categorical, int, float, log "
+        "distributions; metric and direction) with Optuna's seeded TPE sampler and "
+        "median pruner. Each trial is a `dualtune run` in a process of its own, in "
+        "OUT/trial-NNN; its evaluations feed the pruner as they are written.",
+        epilog=EPILOG_SWEEP,
+    )
     swp.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     swp.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every trial")
-    swp.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space (see recipes/spaces/)")
-    swp.add_argument("--trials", type=int, required=True, metavar="N",
-                     help="trials in the study, counting those a previous run of the sweep finished")
+    swp.add_argument(
+        "--space", required=True, metavar="SPACE.yaml", help="the search space (see recipes/spaces/)"
+    )
+    swp.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        metavar="N",
+        help="trials in the study, counting those a previous run of the sweep finished",
+    )
     _backend_arg(swp)
-    swp.add_argument("--storage", metavar="URL",
-                     help="Optuna storage URL (default: sqlite:///OUT/optuna.db); the study is named after the recipe")
+    swp.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage URL (default: sqlite:///OUT/optuna.db); the study is named after the recipe",
+    )
     swp.add_argument("--jobs", type=int, default=1, metavar="J", help="worker processes sharing the storage")
     swp.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/sweep-{recipe})")
     swp.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
@@ -200,14 +276,23 @@ def _cmd_run(args) -> int:
     plan = validate(recipe, args.backend, args.device, args.output_dir, args.overwrite, args.resume)
     for warning in plan.warnings:
         log.warning("%s", warning)
-    out = Path(plan.output) if plan.output else check_output(recipe, args.backend, args.output_dir, args.overwrite,
-                                                            args.resume)
+    out = (
+        Path(plan.output)
+        if plan.output
+        else check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
+    )
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
-    run_recipe(recipe, backend, out, progress=False if args.no_progress else None, overwrite=args.overwrite,
-               resume=args.resume)
+    run_recipe(
+        recipe,
+        backend,
+        out,
+        progress=False if args.no_progress else None,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
     log.info("run directory: %s", out)
     return 0
 
@@ -217,12 +302,25 @@ def _launch_torchrun(args) -> int:
     import subprocess
 
     if args.backend != "torch":
-        raise UserError(f"--nproc {args.nproc}: data parallel runs on --backend torch (torchrun); MindSpore's "
-                        f"msrun is not supported yet")
-    argv = [a for i, a in enumerate(args.argv) if not (a == "--nproc" or a.startswith("--nproc=")
-                                                      or (i and args.argv[i - 1] == "--nproc"))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "dualtune.cli", *argv]
+        raise UserError(
+            f"--nproc {args.nproc}: data parallel runs on --backend torch (torchrun); MindSpore's "
+            f"msrun is not supported yet"
+        )
+    argv = [
+        a
+        for i, a in enumerate(args.argv)
+        if not (a == "--nproc" or a.startswith("--nproc=") or (i and args.argv[i - 1] == "--nproc"))
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "dualtune.cli",
+        *argv,
+    ]
     log.info("data parallel on %d processes: %s", args.nproc, " ".join(cmd[1:]))
     import signal
 
@@ -301,8 +399,9 @@ def _cmd_validate(args) -> int:
     from dualtune.recipe import load_recipe
     from dualtune.validate import validate
 
-    plan = validate(load_recipe(args.recipe, args.overrides), args.backend, args.device, args.output_dir,
-                    args.overwrite)
+    plan = validate(
+        load_recipe(args.recipe, args.overrides), args.backend, args.device, args.output_dir, args.overwrite
+    )
     print("\n".join(plan.lines()))
     return 0
 
@@ -335,8 +434,17 @@ def _cmd_compare(args) -> int:
 def _cmd_sweep(args) -> int:
     from dualtune.sweep import make_sweep, sweep, work
 
-    sw = make_sweep(args.recipe, args.overrides, args.space, args.trials, args.backend, args.device, args.storage,
-                    args.out, args.seed)
+    sw = make_sweep(
+        args.recipe,
+        args.overrides,
+        args.space,
+        args.trials,
+        args.backend,
+        args.device,
+        args.storage,
+        args.out,
+        args.seed,
+    )
     if args.worker is not None:
         return work(sw, args.worker)
     return sweep(sw, args.jobs)
@@ -368,9 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = True
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
-    commands = {"run": _cmd_run, "eval": _cmd_eval, "predict": _cmd_predict, "report": _cmd_report,
-                "compare": _cmd_compare, "tiny": _cmd_tiny, "synthetic-data": _cmd_synthetic,
-                "validate": _cmd_validate}
+    commands = {
+        "run": _cmd_run,
+        "eval": _cmd_eval,
+        "predict": _cmd_predict,
+        "report": _cmd_report,
+        "compare": _cmd_compare,
+        "tiny": _cmd_tiny,
+        "synthetic-data": _cmd_synthetic,
+        "validate": _cmd_validate,
+    }
     commands["sweep"] = _cmd_sweep
     try:
         return commands[args.command](args)

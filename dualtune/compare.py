@@ -36,14 +36,28 @@ class Side:
 
 
 def _run(backend: str, recipe: str, overrides: list[str], out: Path) -> None:
-    cmd = [sys.executable, "-m", "dualtune.cli", "run", recipe, "--backend", backend, "--no-progress", "--overwrite",
-           "--output-dir", str(out / backend), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dualtune.cli",
+        "run",
+        recipe,
+        "--backend",
+        backend,
+        "--no-progress",
+        "--overwrite",
+        "--output-dir",
+        str(out / backend),
+        *overrides,
+    ]
     print(f"compare: training on {backend} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     write_atomic(out / f"{backend}.log", proc.stderr)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"the {backend} run failed (exit {proc.returncode}); see {out / backend}.log:\n{tail}")
+        raise RuntimeError(
+            f"the {backend} run failed (exit {proc.returncode}); see {out / backend}.log:\n{tail}"
+        )
 
 
 def _load(run_dir: Path) -> Side:
@@ -57,8 +71,12 @@ def _load(run_dir: Path) -> Side:
         with safe_open(str(path), "np") as f:
             order = json.loads((f.metadata() or {}).get("order", "[]")) or list(f.keys())
             acts = {k: f.get_tensor(k) for k in f.keys()}
-    return Side([l for l in lines if "loss" in l], json.loads((run_dir / "final_metrics.json").read_text()),
-                acts, order)
+    return Side(
+        [item for item in lines if "loss" in item],
+        json.loads((run_dir / "final_metrics.json").read_text()),
+        acts,
+        order,
+    )
 
 
 def layer_table(a: Side, b: Side) -> list[dict]:
@@ -75,35 +93,51 @@ def layer_table(a: Side, b: Side) -> list[dict]:
 def build_report(a: Side, b: Side, layers: bool) -> dict:
     steps = []
     for s, t in zip(a.steps, b.steps):
-        steps.append({"step": s["step"], "loss_torch": s["loss"], "loss_mindspore": t["loss"],
-                      "loss_rel": rel_diff(s["loss"], t["loss"]),
-                      "grad_norm_rel": rel_diff(s["grad_norm"], t["grad_norm"])})
+        steps.append(
+            {
+                "step": s["step"],
+                "loss_torch": s["loss"],
+                "loss_mindspore": t["loss"],
+                "loss_rel": rel_diff(s["loss"], t["loss"]),
+                "grad_norm_rel": rel_diff(s["grad_norm"], t["grad_norm"]),
+            }
+        )
     checks = {}
     if steps:
         checks["init_loss_rel"] = steps[0]["loss_rel"]
         checks["step_loss_rel"] = max(s["loss_rel"] for s in steps)
     if "logits" in a.activations and "logits" in b.activations:
         checks["init_logits_abs"] = float(np.abs(a.activations["logits"] - b.activations["logits"]).max())
-    verdict = {k: {"value": v, "tolerance": TOLERANCES[k], "pass": bool(v <= TOLERANCES[k])}
-               for k, v in checks.items()}
+    verdict = {
+        k: {"value": v, "tolerance": TOLERANCES[k], "pass": bool(v <= TOLERANCES[k])}
+        for k, v in checks.items()
+    }
     metrics = sorted(k for k, v in a.final.items() if isinstance(v, float) and k in b.final)
-    report = {"steps": steps, "checks": verdict,
-              "passed": bool(verdict) and len(a.steps) == len(b.steps) and all(v["pass"] for v in verdict.values()),
-              "final": {k: {"torch": a.final[k], "mindspore": b.final[k]} for k in metrics
-                        if k not in ("train_seconds",)},
-              "train_seconds": {"torch": a.final.get("train_seconds"), "mindspore": b.final.get("train_seconds")}}
+    report = {
+        "steps": steps,
+        "checks": verdict,
+        "passed": bool(verdict) and len(a.steps) == len(b.steps) and all(v["pass"] for v in verdict.values()),
+        "final": {
+            k: {"torch": a.final[k], "mindspore": b.final[k]} for k in metrics if k not in ("train_seconds",)
+        },
+        "train_seconds": {"torch": a.final.get("train_seconds"), "mindspore": b.final.get("train_seconds")},
+    }
     if layers:
         table = layer_table(a, b)
         report["layers"] = table
-        report["first_divergent_module"] = next((r["module"] for r in table if r["rel"] > LAYER_REL_FLAG), None)
+        report["first_divergent_module"] = next(
+            (r["module"] for r in table if r["rel"] > LAYER_REL_FLAG), None
+        )
     return report
 
 
 def format_report(report: dict) -> str:
     out = ["step  loss torch      loss mindspore  rel diff   grad-norm rel"]
     for s in report["steps"]:
-        out.append(f"{s['step']:>4}  {s['loss_torch']:<14.8g}  {s['loss_mindspore']:<14.8g}  "
-                   f"{s['loss_rel']:.2e}   {s['grad_norm_rel']:.2e}")
+        out.append(
+            f"{s['step']:>4}  {s['loss_torch']:<14.8g}  {s['loss_mindspore']:<14.8g}  "
+            f"{s['loss_rel']:.2e}   {s['grad_norm_rel']:.2e}"
+        )
     out.append("")
     out.append(f"{'final metric':<28}{'torch':>12}{'mindspore':>12}")
     for k, v in report["final"].items():
@@ -116,7 +150,9 @@ def format_report(report: dict) -> str:
         out.append(f"first module beyond {LAYER_REL_FLAG:g} relative: {report['first_divergent_module']}")
         out.append("")
     for k, v in report["checks"].items():
-        out.append(f"{'PASS' if v['pass'] else 'FAIL'}  {k} = {v['value']:.3e}  (tolerance {v['tolerance']:g})")
+        out.append(
+            f"{'PASS' if v['pass'] else 'FAIL'}  {k} = {v['value']:.3e}  (tolerance {v['tolerance']:g})"
+        )
     out.append(f"verdict: {'PASS' if report['passed'] else 'FAIL'}")
     return "\n".join(out)
 

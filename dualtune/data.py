@@ -12,9 +12,9 @@ import math
 import re
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -23,8 +23,12 @@ from dualtune.recipe import DataSpec
 
 FPB_REPO = "takala/financial_phrasebank"
 FPB_ZIP = "data/FinancialPhraseBank-v1.0.zip"
-FPB_CONFIGS = {"sentences_allagree": "AllAgree", "sentences_75agree": "75Agree",
-               "sentences_66agree": "66Agree", "sentences_50agree": "50Agree"}
+FPB_CONFIGS = {
+    "sentences_allagree": "AllAgree",
+    "sentences_75agree": "75Agree",
+    "sentences_66agree": "66Agree",
+    "sentences_50agree": "50Agree",
+}
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Encoded:
 
 
 # ---------------------------------------------------------------- loading
+
 
 def _parse_sentence_at_label(raw: bytes, origin: str) -> list[dict]:
     """financial_phrasebank's own format: ``sentence@label`` per line (latin-1 in the original)."""
@@ -87,7 +92,9 @@ def _read_fpb_zip(path: Path, config: str | None) -> list[dict]:
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"{path}: not a readable zip ({' '.join(str(err).split())[:120] or type(err).__name__})") from None
+        raise DataError(
+            f"{path}: not a readable zip ({' '.join(str(err).split())[:120] or type(err).__name__})"
+        ) from None
     return _parse_sentence_at_label(raw, f"{path}!{names[0]}")
 
 
@@ -105,16 +112,18 @@ def _check_text_file(path: Path) -> list[tuple[int, dict]] | None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                        f"save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            f"save the file as UTF-8"
+        ) from None
     if path.suffix.lower() != ".jsonl":
         return None
     records = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+    for lineno, record in enumerate(text.split("\n"), 1):
+        if not record.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(record)
         except ValueError as err:
             msg = getattr(err, "msg", str(err).splitlines()[0] if str(err) else type(err).__name__)
             col = f" at column {err.colno}" if hasattr(err, "colno") else ""
@@ -131,8 +140,10 @@ def _rows_from_jsonl(records: list[tuple[int, dict]], spec: DataSpec, path: Path
     columns = list(dict.fromkeys(k for _, r in records for k in r))
     missing = [f for f in (spec.text_field, spec.label_field) if f not in columns]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(map(shown, columns))}); "
-                        f"set data.text_field / data.label_field")
+        raise DataError(
+            f"{path}: no column {missing[0]!r} (columns: {', '.join(map(shown, columns))}); "
+            f"set data.text_field / data.label_field"
+        )
     rows = []
     for lineno, record in records:
         text, label = record.get(spec.text_field), record.get(spec.label_field)
@@ -163,8 +174,10 @@ def _read_table(path: Path, spec: DataSpec) -> list[dict]:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # the builders' errors (pyarrow, pandas) name neither file nor line
         cause = err.__cause__ or err
-        raise DataError(f"{path}: cannot be read as {path.suffix.lower()[1:]} "
-                        f"({type(cause).__name__}: {str(cause).splitlines()[0][:120]})") from None
+        raise DataError(
+            f"{path}: cannot be read as {path.suffix.lower()[1:]} "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0][:120]})"
+        ) from None
     # Where a row came from, for error lines: csv/tsv and jsonl by line (csv has a header line).
     first_line = {".csv": 2, ".tsv": 2, ".jsonl": 1}.get(path.suffix.lower())
     where = (lambda i: f"{path}:{first_line + i}") if first_line else (lambda i: f"{path}: record {i + 1}")
@@ -175,8 +188,10 @@ def _rows_from_hf(ds, spec: DataSpec, origin: str, where=None) -> list[dict]:
     where = where or (lambda i: f"{origin}: row {i + 1}")
     missing = [f for f in (spec.text_field, spec.label_field) if f not in ds.column_names]
     if missing:
-        raise DataError(f"{origin}: no column {missing[0]!r} (columns: {', '.join(map(shown, ds.column_names))}); "
-                        f"set data.text_field / data.label_field")
+        raise DataError(
+            f"{origin}: no column {missing[0]!r} (columns: {', '.join(map(shown, ds.column_names))}); "
+            f"set data.text_field / data.label_field"
+        )
     feature = ds.features[spec.label_field]
     names = getattr(feature, "names", None)
     rows = []
@@ -207,9 +222,11 @@ def _read_local(path: Path, spec: DataSpec) -> list[dict]:
 
 
 def _read_hub(spec: DataSpec) -> list[dict]:
-    hint = (f"no local file or directory {spec.source!r}, and the hub could not be reached; "
-            f"point data.source at a local copy (a csv/jsonl file, a Sentences_*.txt or the "
-            f"FinancialPhraseBank zip)")
+    hint = (
+        f"no local file or directory {spec.source!r}, and the hub could not be reached; "
+        f"point data.source at a local copy (a csv/jsonl file, a Sentences_*.txt or the "
+        f"FinancialPhraseBank zip)"
+    )
     if spec.source in ("financial_phrasebank", FPB_REPO):
         # The script loader is gone from current `datasets`; the repo still holds the original zip.
         from huggingface_hub import hf_hub_download
@@ -233,8 +250,11 @@ LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".zip")
 
 def looks_local(source: str) -> bool:
     """A path the user means as a local file (a hub id is ``name`` or ``owner/name``)."""
-    return (source.lower().endswith(LOCAL_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
-            or "\\" in source)
+    return (
+        source.lower().endswith(LOCAL_SUFFIXES)
+        or source.startswith(("/", "./", "../", "~"))
+        or "\\" in source
+    )
 
 
 def read_raw(spec: DataSpec) -> list[dict]:
@@ -277,17 +297,28 @@ def label_rows(raw: list[dict], spec: DataSpec) -> Rows:
     """``read_raw``'s rows with labels as ids into the label names (given, or found in the data)."""
     values = [r["label"] for r in raw]
     for i, (row, v) in enumerate(zip(raw, values)):
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (isinstance(v, float) and not v.is_integer()):
-            raise DataError(f"{row.get('where', f'{spec.source}: row {i + 1}')}: label {v!r} is not a class name or id")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (str, int, float))
+            or (isinstance(v, float) and not v.is_integer())
+        ):
+            raise DataError(
+                f"{row.get('where', f'{spec.source}: row {i + 1}')}: label {v!r} is not a class name or id"
+            )
     names = list(spec.label_names) if spec.label_names else None
     if names is None and not all(isinstance(v, str) for v in values):
         named = next((i for i, v in enumerate(values) if isinstance(v, str) and not _is_id(v)), None)
         if named is not None:
-            raise DataError(f"{raw[named].get('where', spec.source)}: label {values[named]!r} is a name where other "
-                            f"rows give ids; set data.label_names to say which id is which name")
+            raise DataError(
+                f"{raw[named].get('where', spec.source)}: label {values[named]!r} is a name where other "
+                f"rows give ids; set data.label_names to say which id is which name"
+            )
     if names is None:
-        names = sorted({str(v) for v in values}) if all(isinstance(v, str) for v in values) \
+        names = (
+            sorted({str(v) for v in values})
+            if all(isinstance(v, str) for v in values)
             else [str(i) for i in range(max(int(v) for v in values) + 1)]
+        )
     index = {n: i for i, n in enumerate(names)}
     labels = []
     for i, (row, v) in enumerate(zip(raw, values)):
@@ -307,6 +338,7 @@ def label_rows(raw: list[dict], spec: DataSpec) -> Rows:
 
 # ---------------------------------------------------------------- split, tokenize, batch
 
+
 def split_rows(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows]:
     """Seeded shuffle, then the first part trains; eval gets ceil((1 - f) * n) rows as in
     ``datasets.Dataset.train_test_split`` (2264 rows at 0.9 -> 227 eval rows)."""
@@ -319,7 +351,7 @@ def split_rows(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows
     def take(idx) -> Rows:
         return Rows([rows.texts[i] for i in idx], [rows.labels[i] for i in idx], rows.label_names)
 
-    return take(order[: n - n_eval]), take(order[n - n_eval:])
+    return take(order[: n - n_eval]), take(order[n - n_eval :])
 
 
 def encode_texts(texts: list[str], tokenizer, spec: DataSpec) -> list[list[int]]:
@@ -331,7 +363,7 @@ def encode(rows: Rows, tokenizer, spec: DataSpec, task: str) -> Encoded:
     """Tokenize once, without padding (padding happens per batch)."""
     input_ids = encode_texts(rows.texts, tokenizer, spec)
     if task == "seq2seq":
-        words = [rows.label_names[l] for l in rows.labels]
+        words = [rows.label_names[item] for item in rows.labels]
         targets = tokenizer(words, truncation=True, max_length=spec.label_max_length)["input_ids"]
     else:
         targets = list(rows.labels)
@@ -348,7 +380,10 @@ def _pad(seqs: list[list[int]], value: int, length: int) -> np.ndarray:
 def collate_inputs(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[str, np.ndarray]:
     """``input_ids`` and ``attention_mask``, padded as ``data.padding`` says (no labels: predict)."""
     length = spec.max_length if spec.padding == "max_length" else max(len(s) for s in ids)
-    return {"input_ids": _pad(ids, pad_id, length), "attention_mask": _pad([[1] * len(s) for s in ids], 0, length)}
+    return {
+        "input_ids": _pad(ids, pad_id, length),
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
+    }
 
 
 def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[str, np.ndarray]:
@@ -373,16 +408,16 @@ def length_grouped(order: np.ndarray, lengths: list[int], batch_size: int) -> np
     window = MEGABATCH_BATCHES * batch_size
     parts = []
     for start in range(0, len(order), window):
-        chunk = order[start: start + window]
+        chunk = order[start : start + window]
         parts.append(chunk[np.argsort([-lengths[i] for i in chunk], kind="stable")])
     grouped = np.concatenate(parts) if parts else order
     # the window heads are their windows' longest batches; move the longest of them to the front
     heads = list(range(0, len(grouped), window))
     longest = max(heads, key=lambda h: lengths[grouped[h]])
     if longest:
-        first, other = grouped[:batch_size].copy(), grouped[longest: longest + batch_size].copy()
+        first, other = grouped[:batch_size].copy(), grouped[longest : longest + batch_size].copy()
         if len(other) == batch_size:
-            grouped[:batch_size], grouped[longest: longest + batch_size] = other, first
+            grouped[:batch_size], grouped[longest : longest + batch_size] = other, first
     return grouped
 
 
@@ -403,9 +438,16 @@ def shuffled_order(enc: Encoded, batch_size: int, seed: int, group_by_length: bo
     return order
 
 
-def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: str,
-            shuffle_seed: int | None = None, group_by_length: bool = False,
-            order: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    enc: Encoded,
+    batch_size: int,
+    pad_id: int,
+    spec: DataSpec,
+    task: str,
+    shuffle_seed: int | None = None,
+    group_by_length: bool = False,
+    order: np.ndarray | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches in ``order``, else in a seeded order (``shuffle_seed``), else in dataset order;
     ``group_by_length`` regroups the seeded order into batches of similar length (``length_grouped``)."""
     if order is None and shuffle_seed is not None:
@@ -413,7 +455,7 @@ def batches(enc: Encoded, batch_size: int, pad_id: int, spec: DataSpec, task: st
     elif order is None:
         order = np.arange(len(enc))
     for start in range(0, len(order), batch_size):
-        yield collate(enc, order[start: start + batch_size], pad_id, spec, task)
+        yield collate(enc, order[start : start + batch_size], pad_id, spec, task)
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 class Evaluation:
     metrics: dict[str, float]
     predictions: list[dict]  # one per eval row, in dataset order
-    report: dict             # metrics.classification_report of the predictions
+    report: dict  # metrics.classification_report of the predictions
 
 
 @contextmanager
@@ -64,13 +65,18 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
             loss, logits = backend.eval_batch(prep.model, batch)
             total_loss += (loss or 0.0) * n
             seen += n
-            rows = order[start: start + n]
+            rows = order[start : start + n]
             gold = [eval_set.labels[i] for i in rows]
             in_batch = []
             if task == "classification":
                 for g, row in zip(gold, logits):
-                    in_batch.append({"label": prep.label_names[g], "pred": prep.label_names[int(row.argmax())],
-                                     "logits": [float(x) for x in row]})
+                    in_batch.append(
+                        {
+                            "label": prep.label_names[g],
+                            "pred": prep.label_names[int(row.argmax())],
+                            "logits": [float(x) for x in row],
+                        }
+                    )
             else:
                 labels = np_batch["labels"]
                 argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
@@ -78,11 +84,20 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
                 # Correct only if every label token (eos included) is the argmax: decoding alone would
                 # pass [pad, positive] for [positive, </s>].
                 token_exact = ((argmax == labels) | (labels == -100)).all(-1)
-                generated = decode(tok, backend.generate(prep.model, batch, r.data.label_max_length)) \
-                    if generate else [None] * n
+                generated = (
+                    decode(tok, backend.generate(prep.model, batch, r.data.label_max_length))
+                    if generate
+                    else [None] * n
+                )
                 for g, f, ok, gen in zip(gold, forced, token_exact, generated):
-                    in_batch.append({"label": prep.label_names[g], "teacher_forced": f,
-                                     "teacher_forced_correct": bool(ok), "generated": gen})
+                    in_batch.append(
+                        {
+                            "label": prep.label_names[g],
+                            "teacher_forced": f,
+                            "teacher_forced_correct": bool(ok),
+                            "generated": gen,
+                        }
+                    )
             for i, prediction in zip(rows, in_batch):
                 predictions[i] = {"text": eval_set.texts[i], **prediction}
             start += n
@@ -90,7 +105,9 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
     if task == "classification":
         metrics["accuracy"] = float(np.mean([p["pred"] == p["label"] for p in predictions]))
     else:
-        metrics["teacher_forced_accuracy"] = float(np.mean([p["teacher_forced_correct"] for p in predictions]))
+        metrics["teacher_forced_accuracy"] = float(
+            np.mean([p["teacher_forced_correct"] for p in predictions])
+        )
         if generate:
             metrics["exact_match"] = float(np.mean([p["generated"] == p["label"] for p in predictions]))
     report = classification_summary(prep, predictions)
@@ -109,13 +126,16 @@ def predicted_label(prediction: dict) -> str:
     # Teacher forcing: the text decodes to the label yet a token is off ([pad, positive] for
     # [positive, </s>]) -> wrong, as in teacher_forced_accuracy.
     text = str(prediction["teacher_forced"])
-    return metricsmod.OTHER if text == prediction["label"] and not prediction["teacher_forced_correct"] else text
+    return (
+        metricsmod.OTHER if text == prediction["label"] and not prediction["teacher_forced_correct"] else text
+    )
 
 
 def classification_summary(prep: Prepared, predictions: list[dict]) -> dict:
     """``metrics.classification_report`` of ``evaluate``'s predictions: averages, per class, confusion."""
-    report = metricsmod.classification_report([p["label"] for p in predictions],
-                                              [predicted_label(p) for p in predictions], prep.label_names)
+    report = metricsmod.classification_report(
+        [p["label"] for p in predictions], [predicted_label(p) for p in predictions], prep.label_names
+    )
     if prep.recipe.model.task == "seq2seq":
         generated = bool(predictions) and predictions[0].get("generated") is not None
         report["predicted_from"] = "generated" if generated else "teacher_forced"
@@ -125,7 +145,9 @@ def classification_summary(prep: Prepared, predictions: list[dict]) -> dict:
 def write_evaluation(directory: str | Path, evaluation: Evaluation) -> None:
     """predictions.jsonl, classification_report.json and confusion_matrix.png in ``directory``."""
     directory = Path(directory)
-    write_atomic(directory / "predictions.jsonl",
-                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in evaluation.predictions))
+    write_atomic(
+        directory / "predictions.jsonl",
+        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in evaluation.predictions),
+    )
     write_json(directory / "classification_report.json", evaluation.report)
     metricsmod.save_confusion_png(evaluation.report, directory / "confusion_matrix.png")

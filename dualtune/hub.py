@@ -12,11 +12,13 @@ from dualtune.backend import BackendError
 def resolve_model_path(name_or_path: str) -> str:
     if not name_or_path.startswith("pkg:"):
         return name_or_path
-    package, _, rest = name_or_path[len("pkg:"):].partition("/")
+    package, _, rest = name_or_path[len("pkg:") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BackendError(f"model {name_or_path!r}: Python package {package!r} is not installed "
-                           f"(pip install {package.replace('_', '-')})")
+        raise BackendError(
+            f"model {name_or_path!r}: Python package {package!r} is not installed "
+            f"(pip install {package.replace('_', '-')})"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / rest
     if not path.exists():
         raise BackendError(f"model {name_or_path!r}: {path} does not exist")
@@ -29,4 +31,5 @@ def model_not_found(name_or_path: str, err: Exception) -> BackendError:
     return BackendError(
         f"model {name_or_path!r}: not a local directory and the hub could not be reached; download it "
         f"where there is network (huggingface-cli download {name_or_path} --local-dir DIR) and set "
-        f"model.name_or_path=DIR")
+        f"model.name_or_path=DIR"
+    )

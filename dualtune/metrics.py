@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 OTHER = "(other)"
-AVERAGES = ("precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted")
+AVERAGES = (
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+)
 
 
 def better(metric: str, a: float, b: float) -> bool:
@@ -30,15 +37,25 @@ def classification_report(gold: list[str], pred: list[str], label_names: list[st
         raise ValueError(f"gold labels {unknown[:3]} are not in the label names {names}")
     pred = [p if p in names else OTHER for p in pred]
     columns = names + [OTHER] if OTHER in pred else names
-    report = {"labels": names, "predicted_labels": columns, "n": len(gold),
-              "accuracy": float(skm.accuracy_score(gold, pred))}
+    report = {
+        "labels": names,
+        "predicted_labels": columns,
+        "n": len(gold),
+        "accuracy": float(skm.accuracy_score(gold, pred)),
+    }
     # labels=names: an (other) prediction is a miss of the gold class, and a false positive of none.
     for average in ("macro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(gold, pred, labels=names, average=average, zero_division=0)
-        report.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)})
+        p, r, f, _ = skm.precision_recall_fscore_support(
+            gold, pred, labels=names, average=average, zero_division=0
+        )
+        report.update(
+            {f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)}
+        )
     p, r, f, s = skm.precision_recall_fscore_support(gold, pred, labels=names, average=None, zero_division=0)
-    report["per_class"] = {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                               "support": int(s[i])} for i, n in enumerate(names)}
+    report["per_class"] = {
+        n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, n in enumerate(names)
+    }
     # Rows are gold labels only: no gold label is (other).
     matrix = skm.confusion_matrix(gold, pred, labels=columns)[: len(names)]
     report["confusion_matrix"] = [[int(x) for x in row] for row in matrix]
@@ -54,11 +71,16 @@ def format_classification_report(report: dict) -> str:
         c = report["per_class"][n]
         out.append(f"{n:<{w}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>10}")
     for avg in ("macro", "weighted"):
-        out.append(f"{avg + ' avg':<{w}}{report['precision_' + avg]:>10.4f}{report['recall_' + avg]:>10.4f}"
-                   f"{report['f1_' + avg]:>10.4f}{report['n']:>10}")
+        out.append(
+            f"{avg + ' avg':<{w}}{report['precision_' + avg]:>10.4f}{report['recall_' + avg]:>10.4f}"
+            f"{report['f1_' + avg]:>10.4f}{report['n']:>10}"
+        )
     cw = max(7, *(len(c) + 2 for c in columns))
-    out += ["", "confusion matrix (rows: gold, columns: predicted)",
-            f"{'':<{w}}" + "".join(f"{c:>{cw}}" for c in columns)]
+    out += [
+        "",
+        "confusion matrix (rows: gold, columns: predicted)",
+        f"{'':<{w}}" + "".join(f"{c:>{cw}}" for c in columns),
+    ]
     for n, row in zip(names, report["confusion_matrix"]):
         out.append(f"{n:<{w}}" + "".join(f"{x:>{cw}}" for x in row))
     return "\n".join(out)
@@ -79,7 +101,9 @@ def save_confusion_png(report: dict, path: str | Path) -> None:
     for i in range(len(names)):
         for j in range(len(columns)):
             dark = matrix[i, j] > 0.6 * matrix.max()
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", color="white" if dark else "black")
+            ax.text(
+                j, i, f"{int(matrix[i, j])}", ha="center", va="center", color="white" if dark else "black"
+            )
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")

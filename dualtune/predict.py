@@ -44,12 +44,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size: int | None = None) -> list[dict]:
+def predict(
+    run_dir: str | Path, texts: list[str], backend: Backend, batch_size: int | None = None
+) -> list[dict]:
     """One dict per text, in order: ``{"text", "label", "scores"}`` (classification, softmax over the
     classes) or ``{"text", "label"}`` (seq2seq: the generated text, which need not be a label name).
     ``batch_size`` defaults to the run's evaluation batch size."""
     from dualtune.recipe import load_recipe
-
     from dualtune.runner import check_finished
 
     run_dir = check_finished(run_dir)
@@ -63,13 +64,20 @@ def predict(run_dir: str | Path, texts: list[str], backend: Backend, batch_size:
     out: list[dict] = []
     with eval_mode(backend, model):
         for start in range(0, len(ids), bs):
-            chunk = texts[start: start + bs]
-            batch = backend.to_tensors(datamap.collate_inputs(ids[start: start + bs], tok.pad_token_id, recipe.data))
+            chunk = texts[start : start + bs]
+            batch = backend.to_tensors(
+                datamap.collate_inputs(ids[start : start + bs], tok.pad_token_id, recipe.data)
+            )
             if task == "classification":
                 _, logits = backend.eval_batch(model, batch)
                 for text, row, p in zip(chunk, logits, softmax(logits)):
-                    out.append({"text": text, "label": names[int(row.argmax())],
-                                "scores": {n: float(x) for n, x in zip(names, p)}})
+                    out.append(
+                        {
+                            "text": text,
+                            "label": names[int(row.argmax())],
+                            "scores": {n: float(x) for n, x in zip(names, p)},
+                        }
+                    )
             else:
                 decoded = decode(tok, backend.generate(model, batch, recipe.data.label_max_length))
                 out += [{"text": text, "label": label} for text, label in zip(chunk, decoded)]

@@ -42,8 +42,12 @@ def prepare_data(recipe: Recipe, backend: Backend) -> tuple[Any, list[str], data
     rows = datamap.load_rows(recipe.data)
     train_rows, eval_rows = datamap.split_rows(rows, recipe.data.train_split, recipe.data.seed)
     task = recipe.model.task
-    return (tokenizer, rows.label_names, datamap.encode(train_rows, tokenizer, recipe.data, task),
-            datamap.encode(eval_rows, tokenizer, recipe.data, task))
+    return (
+        tokenizer,
+        rows.label_names,
+        datamap.encode(train_rows, tokenizer, recipe.data, task),
+        datamap.encode(eval_rows, tokenizer, recipe.data, task),
+    )
 
 
 def prepare(recipe: Recipe, backend: Backend) -> Prepared:
@@ -60,9 +64,18 @@ def prepare(recipe: Recipe, backend: Backend) -> Prepared:
     weights = class_weights(recipe, enc_train.labels, label_names)
     backend.set_class_weights(model, weights)
     named = backend.trainable_parameters(model)
-    prepared = Prepared(recipe, tokenizer, label_names, enc_train, enc_eval, model,
-                        [p for _, p in named], {n: int(p.numel()) for n, p in named},
-                        backend.parameter_count(model), weights)
+    prepared = Prepared(
+        recipe,
+        tokenizer,
+        label_names,
+        enc_train,
+        enc_eval,
+        model,
+        [p for _, p in named],
+        {n: int(p.numel()) for n, p in named},
+        backend.parameter_count(model),
+        weights,
+    )
     report_trainable(prepared)
     return prepared
 
@@ -90,14 +103,24 @@ def class_weights(recipe: Recipe, train_labels: list[int], label_names: list[str
 def report_trainable(prep: Prepared) -> None:
     n_train = sum(prep.trainable.values())
     share = n_train / max(1, prep.total_params)
-    log.info("method %s: %d trainable tensors, %s of %s parameters (%.4f %%)", prep.recipe.peft.method,
-             len(prep.trainable), f"{n_train:,}", f"{prep.total_params:,}", 100 * share)
+    log.info(
+        "method %s: %d trainable tensors, %s of %s parameters (%.4f %%)",
+        prep.recipe.peft.method,
+        len(prep.trainable),
+        f"{n_train:,}",
+        f"{prep.total_params:,}",
+        100 * share,
+    )
     for name, count in prep.trainable.items():
         log.debug("  trains %s (%d)", name, count)
     if prep.recipe.peft.method == "bitfit":
         # Real biases are named *.bias; T5's relative_attention_bias.weight matches "bias" but is a table.
         biases = sum(c for n, c in prep.trainable.items() if n.endswith(".bias") and not is_head_parameter(n))
         if biases / max(1, prep.total_params) < BITFIT_TOO_FEW:
-            log.warning("BitFit found almost nothing to train: %d bias parameters (%.5f %% of the model). "
-                        "Bias-free models such as T5 need peft.bitfit.add_bias_to=[q,k,v,o,wi,wo] to add "
-                        "zero-initialised biases", biases, 100 * biases / max(1, prep.total_params))
+            log.warning(
+                "BitFit found almost nothing to train: %d bias parameters (%.5f %% of the model). "
+                "Bias-free models such as T5 need peft.bitfit.add_bias_to=[q,k,v,o,wi,wo] to add "
+                "zero-initialised biases",
+                biases,
+                100 * biases / max(1, prep.total_params),
+            )

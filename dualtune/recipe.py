@@ -8,11 +8,20 @@ validation, so they are checked by the same rules.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dualtune.errors import RecipeError
 from dualtune.metrics import AVERAGES
@@ -35,9 +44,15 @@ class _Strict(BaseModel):
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads true as 1: train.batch_size=true would train with batch 1.
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = cls.model_fields[str(info.field_name)].annotation
         if isinstance(value, bool) and not _takes_bool(annotation):
-            what = "an integer" if _takes(annotation, int) else "a number" if _takes(annotation, float) else "text"
+            what = (
+                "an integer"
+                if _takes(annotation, int)
+                else "a number"
+                if _takes(annotation, float)
+                else "text"
+            )
             raise ValueError(f"got {value!r} (bool), expected {what}")
         return value
 
@@ -45,36 +60,36 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name_or_path: str
     task: Literal["seq2seq", "classification"]
-    num_labels: Optional[int] = Field(default=None, ge=2)
+    num_labels: int | None = Field(default=None, ge=2)
     # Decoder LLMs ship without a pad token; the seeds' workflow sets it to eos.
     pad_token_as_eos: bool = False
 
 
 class DataSpec(_Strict):
-    source: str                                # hub id, or a local file or directory
-    config: Optional[str] = None               # hub config / financial_phrasebank agreement level
+    source: str  # hub id, or a local file or directory
+    config: str | None = None  # hub config / financial_phrasebank agreement level
     text_field: str = "sentence"
     label_field: str = "label"
-    label_names: Optional[list[str]] = None    # label id -> name; seq2seq targets use these words
+    label_names: list[str] | None = None  # label id -> name; seq2seq targets use these words
     train_split: float = Field(default=0.9, gt=0.0, lt=1.0)
     seed: int = 42
     max_length: int = Field(default=128, ge=1)
     label_max_length: int = Field(default=3, ge=1)
-    max_rows: Optional[int] = Field(default=None, ge=2)  # keep the first N rows (smoke runs)
+    max_rows: int | None = Field(default=None, ge=2)  # keep the first N rows (smoke runs)
     padding: Literal["longest", "max_length"] = "longest"
 
 
 class PrefixSpec(_Strict):
     num_virtual_tokens: int = Field(default=20, ge=1)
     prefix_projection: bool = False
-    encoder_hidden_size: Optional[int] = None
+    encoder_hidden_size: int | None = None
 
 
 class LoraSpec(_Strict):
     r: int = Field(default=8, ge=1)
     alpha: float = 32
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
 
 
 class PromptSpec(_Strict):
@@ -82,7 +97,7 @@ class PromptSpec(_Strict):
 
     num_virtual_tokens: int = Field(default=20, ge=1)
     # Start the virtual tokens from this text's token embeddings instead of random values.
-    init_text: Optional[str] = None
+    init_text: str | None = None
 
 
 class PTuningSpec(_Strict):
@@ -90,7 +105,7 @@ class PTuningSpec(_Strict):
 
     num_virtual_tokens: int = Field(default=20, ge=1)
     encoder: Literal["MLP", "LSTM"] = "MLP"
-    encoder_hidden_size: Optional[int] = Field(default=None, ge=1)  # None: the model's hidden size
+    encoder_hidden_size: int | None = Field(default=None, ge=1)  # None: the model's hidden size
     encoder_num_layers: int = Field(default=2, ge=1)
     encoder_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
@@ -98,8 +113,8 @@ class PTuningSpec(_Strict):
 class IA3Spec(_Strict):
     """IA3 (Liu et al.): learned vectors that rescale keys, values and feed-forward activations."""
 
-    target_modules: Optional[list[str]] = None       # None: peft's default for the architecture
-    feedforward_modules: Optional[list[str]] = None  # the targets whose input (not output) is scaled
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    feedforward_modules: list[str] | None = None  # the targets whose input (not output) is scaled
 
 
 class BitFitSpec(_Strict):
@@ -127,7 +142,7 @@ class PeftSpec(_Strict):
     method: Literal["prefix", "prompt", "p_tuning", "lora", "ia3", "bitfit", "none"]
     # Start from these adapter weights (a saved adapter directory, e.g. another run's
     # adapter_init/) instead of a fresh random initialisation: how two backends start equal.
-    init_from: Optional[str] = None
+    init_from: str | None = None
     prefix: PrefixSpec = PrefixSpec()
     prompt: PromptSpec = PromptSpec()
     p_tuning: PTuningSpec = PTuningSpec()
@@ -139,12 +154,14 @@ class PeftSpec(_Strict):
 class LossSpec(_Strict):
     # Classification: weight each class's cross-entropy. "balanced" = n / (classes * count), counted
     # on the training split (scikit-learn's rule), or one weight per label in label order.
-    class_weights: Union[Literal["balanced"], list[Annotated[float, Field(gt=0.0)]], None] = None
+    class_weights: Literal["balanced"] | list[Annotated[float, Field(gt=0.0)]] | None = None
 
 
 # What evaluation reports, per task: the names train.best_metric may use.
-TASK_METRICS = {"classification": ["eval_loss", "accuracy", *AVERAGES],
-                "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *AVERAGES]}
+TASK_METRICS = {
+    "classification": ["eval_loss", "accuracy", *AVERAGES],
+    "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *AVERAGES],
+}
 
 
 class OptimSpec(_Strict):
@@ -154,16 +171,16 @@ class OptimSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0)
     weight_decay: float = Field(default=0.01, ge=0.0)
-    grad_clip: Optional[float] = Field(default=None, gt=0.0)
+    grad_clip: float | None = Field(default=None, gt=0.0)
 
 
 class ScheduleSpec(_Strict):
     name: Literal["linear", "constant"] = "linear"
-    warmup_steps: Optional[int] = Field(default=None, ge=0)
-    warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> "ScheduleSpec":
+    def _one_warmup(self) -> ScheduleSpec:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
         return self
@@ -171,39 +188,39 @@ class ScheduleSpec(_Strict):
 
 class TrainSpec(_Strict):
     epochs: int = Field(default=1, ge=1)
-    max_steps: Optional[int] = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
+    max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs, parity checks)
     batch_size: int = Field(default=8, ge=1)
     # k micro-batches of batch_size per optimizer step: the step of one batch of k * batch_size
     # (the same rows, the loss weighted by each micro-batch's share of examples or label tokens).
     grad_accum_steps: int = Field(default=1, ge=1)
     # Batches of similar length (seeded, the same on every backend): less padding, faster steps.
     group_by_length: bool = False
-    eval_batch_size: Optional[int] = Field(default=None, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
     # "epoch" or every N optimizer steps (N >= 1: 0 would silently never evaluate)
-    eval_every: Union[Literal["epoch"], Annotated[int, Field(ge=1)]] = "epoch"
+    eval_every: Literal["epoch"] | Annotated[int, Field(ge=1)] = "epoch"
     seed: int = 42
     output_dir: str = "runs/{recipe}-{backend}"
     log_every: int = Field(default=1, ge=1)
     generate: bool = True  # seq2seq: also evaluate by generating label text
-    dropout: bool = True   # false: every dropout off (backends cannot share dropout masks)
+    dropout: bool = True  # false: every dropout off (backends cannot share dropout masks)
     # Keep the adapter from the evaluation with the best value of this metric (eval_loss is
     # minimised, the rest maximised); None keeps the last. Evaluations then run in full.
-    best_metric: Optional[str] = None
+    best_metric: str | None = None
     # Checkpoints (checkpoints/step-N/: trainable tensors, AdamW state, loop position, RNG) every N
     # steps and at each evaluation; what `dualtune run --resume` continues from. None: only when a
     # signal stops the run.
-    save_every: Optional[int] = Field(default=None, ge=1)
-    keep_checkpoints: Optional[int] = Field(default=2, ge=1)  # the newest N (and the best); None: all
+    save_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int | None = Field(default=2, ge=1)  # the newest N (and the best); None: all
     # Stop when best_metric has not improved for this many evaluations in a row.
-    early_stopping_patience: Optional[int] = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
     overwrite: bool = False  # replace output_dir if it holds a finished run (never anything else)
-    save_initial: bool = False       # also write adapter_init/: the weights before step 1
-    dump_activations: bool = False   # write activations.safetensors: module outputs on one batch
+    save_initial: bool = False  # also write adapter_init/: the weights before step 1
+    dump_activations: bool = False  # write activations.safetensors: module outputs on one batch
     # Experiment trackers (pip install dualtune[tracking]; dualtune.tracking says what goes where):
     # TensorBoard files in RUN_DIR/tensorboard, MLflow beside the run or at $MLFLOW_TRACKING_URI,
     # W&B offline unless WANDB_MODE is set. A single name is a list of one.
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
-    tracking_project: Optional[str] = None  # MLflow experiment and W&B project (default: the recipe's name)
+    tracking_project: str | None = None  # MLflow experiment and W&B project (default: the recipe's name)
 
     @model_validator(mode="before")
     @classmethod
@@ -216,7 +233,7 @@ class TrainSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: Optional[str] = None
+    name: str | None = None
     model: ModelSpec
     data: DataSpec
     peft: PeftSpec
@@ -226,7 +243,7 @@ class Recipe(_Strict):
     train: TrainSpec = TrainSpec()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         task = self.model.task
         if self.loss.class_weights is not None and task != "classification":
             raise ValueError("loss.class_weights applies to classification only")
@@ -244,12 +261,14 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _labels_known(self) -> "Recipe":
+    def _labels_known(self) -> Recipe:
         names = self.data.label_names
         if names:
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
-                raise ValueError(f"data.label_names names {dup[0]!r} twice; each class needs a name of its own")
+                raise ValueError(
+                    f"data.label_names names {dup[0]!r} twice; each class needs a name of its own"
+                )
         if self.model.task == "classification" and self.model.num_labels is None and not names:
             raise ValueError("classification needs model.num_labels or data.label_names")
         if names and self.model.num_labels is not None and len(names) != self.model.num_labels:
@@ -284,8 +303,8 @@ def _user_path(loc: tuple, raw: Any) -> tuple:
 
 
 def _expected(msg: str) -> str:
-    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
-    return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+    msg = msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
+    return msg[len("Input should be ") :] if msg.startswith("Input should be ") else msg
 
 
 def _dotted(loc: tuple) -> str:
@@ -307,8 +326,11 @@ def _format_error(err: ValidationError, raw: Any) -> str:
     where = f"{path}: " if path else ""
     if "input" in first and kind != "value_error":
         # A union reports one error per member, all at the same user path: say what each accepts.
-        alternatives = [_expected(e["msg"]) for e in errors
-                        if e["type"] not in ("extra_forbidden", "missing") and _user_path(e["loc"], raw) == loc]
+        alternatives = [
+            _expected(e["msg"])
+            for e in errors
+            if e["type"] not in ("extra_forbidden", "missing") and _user_path(e["loc"], raw) == loc
+        ]
         return f"{where}got {_describe(first['input'])}, expected {' or '.join(alternatives)}"
     return f"{where}{_expected(first['msg'])}"
 
@@ -321,7 +343,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise RecipeError(
+            f"override {text!r}: value is not valid YAML ({str(err).splitlines()[0]})"
+        ) from None
     # YAML 1.1 reads 3e-4 as a string; a number is what anyone typing it means.
     if isinstance(value, str):
         try:
@@ -340,13 +364,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {part if part.isprintable() else repr(part)} is not a section")
+                raise RecipeError(
+                    f"override {text!r}: {part if part.isprintable() else repr(part)} is not a section"
+                )
             node = child
         node[path[-1]] = value
     return raw
 
 
-def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(raw: dict, overrides: Sequence[str] = ()) -> Recipe:
     raw = apply_overrides(copy.deepcopy(raw), list(overrides))
     try:
         return Recipe.model_validate(raw)
@@ -365,7 +391,7 @@ def _yaml_error(err: yaml.YAMLError) -> str:
     return f"not valid YAML{where}: {cause}"
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")

@@ -30,8 +30,21 @@ COLUMNS = [
     ("steps", "steps", "{}"),
 ]
 
-CSV_KEYS = ["run", "backend", "method", "task", "metric", "score", "f1_macro", "trainable_parameters",
-            "total_parameters", "trainable_percent", "train_seconds", "peak_rss_mb", "steps"]
+CSV_KEYS = [
+    "run",
+    "backend",
+    "method",
+    "task",
+    "metric",
+    "score",
+    "f1_macro",
+    "trainable_parameters",
+    "total_parameters",
+    "trainable_percent",
+    "train_seconds",
+    "peak_rss_mb",
+    "steps",
+]
 
 
 def _read(path: Path, loader):
@@ -61,7 +74,9 @@ def run_row(run_dir: str | Path) -> dict:
     marker = read_marker(run_dir)
     if marker is not None and marker.get("status") != "finished":
         step = f" at step {marker['step']}" if marker.get("step") else ""
-        raise RunDirError(f"{run_dir}: an unfinished run ({marker.get('status')}{step}); report reads finished runs")
+        raise RunDirError(
+            f"{run_dir}: an unfinished run ({marker.get('status')}{step}); report reads finished runs"
+        )
     final = _read(run_dir / "final_metrics.json", json.loads)
     trainable = _read(run_dir / "trainable.json", json.loads)
     recipe = _read(run_dir / "recipe.yaml", yaml.safe_load)
@@ -71,13 +86,21 @@ def run_row(run_dir: str | Path) -> dict:
         raise RunDirError(f"{run_dir / 'final_metrics.json'}: no {metric}")
     n_train = trainable.get("trainable", final.get("trainable_parameters"))
     total = trainable.get("total", final.get("total_parameters"))
-    return {"run": run_dir.resolve().name, "backend": final.get("backend"),
-            "method": (recipe.get("peft") or {}).get("method", trainable.get("method")),
-            "task": task, "metric": metric, "score": final[metric], "f1_macro": final.get("f1_macro"),
-            "trainable_parameters": n_train, "total_parameters": total,
-            "trainable_percent": 100.0 * n_train / total if n_train is not None and total else None,
-            "train_seconds": final.get("train_seconds"), "peak_rss_mb": final.get("peak_rss_mb"),
-            "steps": final.get("steps")}
+    return {
+        "run": run_dir.resolve().name,
+        "backend": final.get("backend"),
+        "method": (recipe.get("peft") or {}).get("method", trainable.get("method")),
+        "task": task,
+        "metric": metric,
+        "score": final[metric],
+        "f1_macro": final.get("f1_macro"),
+        "trainable_parameters": n_train,
+        "total_parameters": total,
+        "trainable_percent": 100.0 * n_train / total if n_train is not None and total else None,
+        "train_seconds": final.get("train_seconds"),
+        "peak_rss_mb": final.get("peak_rss_mb"),
+        "steps": final.get("steps"),
+    }
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -97,14 +120,18 @@ def format_rows(rows: list[dict], fmt: str = "text") -> str:
     cells = [[_cell(row, k, f) for k, _, f in COLUMNS] for row in rows]
     if fmt == "markdown":
         right = [i >= 4 for i in range(len(COLUMNS))]  # numbers right-aligned
-        lines = ["| " + " | ".join(headers) + " |",
-                 "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---:" if r else "---" for r in right) + "|",
+        ]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     if fmt != "text":
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
-    line = lambda values: "  ".join(v.ljust(w) if i < 4 else v.rjust(w)  # noqa: E731
-                                    for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+    line = lambda values: "  ".join(
+        v.ljust(w) if i < 4 else v.rjust(w)  # noqa: E731
+        for i, (v, w) in enumerate(zip(values, widths))
+    ).rstrip()
     return "\n".join([line(headers)] + [line(c) for c in cells])
 
 
@@ -123,17 +150,25 @@ def curves(run_dir: str | Path) -> dict:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except ValueError as err:
         raise RunDirError(f"{path}: unreadable ({err})") from None
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    recipe = (
+        yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    )
     evals = [r for r in records if r.get("split") == "eval"]
     train = [r for r in records if "split" not in r and "loss" in r]
-    metric = ((recipe or {}).get("train") or {}).get("best_metric") or \
-        main_metric(((recipe or {}).get("model") or {}).get("task"), evals[-1] if evals else {})
+    metric = ((recipe or {}).get("train") or {}).get("best_metric") or main_metric(
+        ((recipe or {}).get("model") or {}).get("task"), evals[-1] if evals else {}
+    )
     final_path = run_dir / "final_metrics.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else {}
-    return {"train_steps": [r["step"] for r in train], "train_loss": [r["loss"] for r in train],
-            "eval_steps": [r["step"] for r in evals], "eval_loss": [r.get("eval_loss") for r in evals],
-            "metric": metric, "metric_values": [r.get(metric) for r in evals],
-            "selected_step": final.get("selected_step") if final.get("best_metric") else None}
+    return {
+        "train_steps": [r["step"] for r in train],
+        "train_loss": [r["loss"] for r in train],
+        "eval_steps": [r["step"] for r in evals],
+        "eval_loss": [r.get("eval_loss") for r in evals],
+        "metric": metric,
+        "metric_values": [r.get(metric) for r in evals],
+        "selected_step": final.get("selected_step") if final.get("best_metric") else None,
+    }
 
 
 def plot_curves(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
@@ -153,8 +188,14 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, labels: list[str] |
         loss_ax.plot(c["train_steps"], c["train_loss"], color=color, lw=1.5, label=f"{label} train")
         steps = [s for s, v in zip(c["eval_steps"], c["eval_loss"]) if v is not None]
         if steps:
-            loss_ax.plot(steps, [v for v in c["eval_loss"] if v is not None], "o--", color=color, ms=4,
-                         label=f"{label} eval")
+            loss_ax.plot(
+                steps,
+                [v for v in c["eval_loss"] if v is not None],
+                "o--",
+                color=color,
+                ms=4,
+                label=f"{label} eval",
+            )
         points = [(s, v) for s, v in zip(c["eval_steps"], c["metric_values"]) if v is not None]
         if points:
             metric_ax.plot(*zip(*points), "o-", color=color, ms=4, label=f"{label} ({c['metric']})")

@@ -89,20 +89,28 @@ def check_target(target: Path, overwrite: bool = False) -> None:
     """Refuse, in one line, an output path dualtune must not write: a file, a folder with foreign
     files, or one of its own finished runs without ``overwrite``. Reads only; called before work."""
     if target.exists() and not target.is_dir():
-        raise RunDirError(f"{target}: a file is in the way of the run directory; choose another "
-                          f"--output-dir, e.g. {free_name(target)}")
+        raise RunDirError(
+            f"{target}: a file is in the way of the run directory; choose another "
+            f"--output-dir, e.g. {free_name(target)}"
+        )
     if not target.is_dir() or not any(target.iterdir()):
         return
     marker = read_marker(target)
     if marker is None:
-        raise RunDirError(f"{target}: exists and holds files dualtune did not write, which it never "
-                          f"touches; choose a free --output-dir, e.g. {free_name(target)}")
+        raise RunDirError(
+            f"{target}: exists and holds files dualtune did not write, which it never "
+            f"touches; choose a free --output-dir, e.g. {free_name(target)}"
+        )
     if marker.get("status") != "finished":
-        raise RunDirError(f"{target}: holds an unfinished run ({marker.get('status')}); continue it with "
-                          f"--resume {target}, or choose a free --output-dir, e.g. {free_name(target)}")
+        raise RunDirError(
+            f"{target}: holds an unfinished run ({marker.get('status')}); continue it with "
+            f"--resume {target}, or choose a free --output-dir, e.g. {free_name(target)}"
+        )
     if not overwrite:
-        raise RunDirError(f"{target}: holds a finished run; add --overwrite to replace it, or choose a free "
-                          f"--output-dir, e.g. {free_name(target)}")
+        raise RunDirError(
+            f"{target}: holds a finished run; add --overwrite to replace it, or choose a free "
+            f"--output-dir, e.g. {free_name(target)}"
+        )
 
 
 @dataclass
@@ -124,7 +132,9 @@ def unfinished_runs(target: Path) -> list[Unfinished]:
     for partial in sorted(target.parent.glob(f"{target.name}.partial-*")):
         m = _PARTIAL.search(partial.name)
         if m and partial.is_dir() and not pid_alive(int(m.group(1))):
-            found.append(Unfinished(partial, latest_checkpoint(partial), f"left by process {m.group(1)}, now gone"))
+            found.append(
+                Unfinished(partial, latest_checkpoint(partial), f"left by process {m.group(1)}, now gone")
+            )
     return found
 
 
@@ -146,8 +156,14 @@ def latest_checkpoint(run_path: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_path: Path, step: int, tensors: dict[str, dict[str, np.ndarray]], state: dict,
-                    keep: int | None = None, protect: int | None = None) -> Path:
+def save_checkpoint(
+    run_path: Path,
+    step: int,
+    tensors: dict[str, dict[str, np.ndarray]],
+    state: dict,
+    keep: int | None = None,
+    protect: int | None = None,
+) -> Path:
     """``checkpoints/step-<step>/``: one safetensors file per entry of ``tensors`` and ``state.json``,
     written aside and renamed into place. Keeps the newest ``keep`` (and step ``protect``)."""
     from safetensors.numpy import save_file
@@ -207,8 +223,10 @@ class TargetLock:
 
     def _busy(self, fd: int) -> RunDirError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        return RunDirError(f"{self.target}: another dualtune run (pid {holder}) is writing it; wait for "
-                           f"it to end or choose another --output-dir")
+        return RunDirError(
+            f"{self.target}: another dualtune run (pid {holder}) is writing it; wait for "
+            f"it to end or choose another --output-dir"
+        )
 
     def check_free(self) -> None:
         """Refuse at once (before a framework loads) when another run holds the lock; creates nothing."""
@@ -254,7 +272,9 @@ class RunDir:
             if self.resume_from is None:
                 self.path.mkdir(parents=True)
             elif (read_marker(self.resume_from) or {}).get("status") == "finished":
-                shutil.copytree(self.resume_from, self.path)  # a finished run stays as it is until this one ends
+                shutil.copytree(
+                    self.resume_from, self.path
+                )  # a finished run stays as it is until this one ends
             else:
                 os.replace(self.resume_from, self.path)
             self.mark("running")

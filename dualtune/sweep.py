@@ -40,9 +40,10 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -53,8 +54,8 @@ DIRECTIONS = ("maximize", "minimize")
 KINDS = ("categorical", "int", "float")
 PARAM_KEYS = {"type", "choices", "low", "high", "step", "log"}
 PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps"}
-OWNER = "dualtune_owner"     # trial user attr: the worker process that runs it (host, pid, start time)
-CONFIG = "dualtune_config"   # study user attr: what the sweep searches, checked when it continues
+OWNER = "dualtune_owner"  # trial user attr: the worker process that runs it (host, pid, start time)
+CONFIG = "dualtune_config"  # study user attr: what the sweep searches, checked when it continues
 POLL_S = 0.5
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -65,10 +66,11 @@ class SweepError(UserError):
 
 # ---------------------------------------------------------------------------------- the space
 
+
 @dataclass
 class Param:
-    key: str                     # the recipe's dotted key
-    kind: str                    # categorical | int | float
+    key: str  # the recipe's dotted key
+    kind: str  # categorical | int | float
     choices: list | None = None
     low: float | int | None = None
     high: float | int | None = None
@@ -77,7 +79,7 @@ class Param:
 
     def samples(self) -> list:
         """Values that must each make a valid recipe: every choice, else both ends of the range."""
-        return list(self.choices) if self.kind == "categorical" else [self.low, self.high]
+        return list(self.choices or []) if self.kind == "categorical" else [self.low, self.high]
 
     def suggest(self, trial) -> Any:
         """The trial's value: drawn now, or the one it already has (a trial run again)."""
@@ -88,8 +90,10 @@ class Param:
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def describe(self) -> dict:
-        out = {"type": self.kind}
-        out.update({k: getattr(self, k) for k in ("choices", "low", "high", "step") if getattr(self, k) is not None})
+        out: dict[str, Any] = {"type": self.kind}
+        out.update(
+            {k: getattr(self, k) for k in ("choices", "low", "high", "step") if getattr(self, k) is not None}
+        )
         if self.log:
             out["log"] = True
         return out
@@ -104,8 +108,12 @@ class Space:
     pruner: dict | None = field(default_factory=dict)  # None: no pruning
 
     def describe(self) -> dict:
-        return {"metric": self.metric, "direction": self.direction,
-                "params": {k: p.describe() for k, p in self.params.items()}, "pruner": self.pruner}
+        return {
+            "metric": self.metric,
+            "direction": self.direction,
+            "params": {k: p.describe() for k, p in self.params.items()},
+            "pruner": self.pruner,
+        }
 
 
 def override(key: str, value: Any) -> str:
@@ -184,16 +192,20 @@ def _pruner(where: str, spec: Any) -> dict | None:
     if spec in ("median",):
         return {}
     if not isinstance(spec, dict):
-        raise RecipeError(f"{where}: expected a mapping ({', '.join(sorted(PRUNER_KEYS))}) or none, got {spec!r}")
+        raise RecipeError(
+            f"{where}: expected a mapping ({', '.join(sorted(PRUNER_KEYS))}) or none, got {spec!r}"
+        )
     for k, v in spec.items():
         if k not in PRUNER_KEYS:
             raise RecipeError(f"{where}.{k}: unknown key (expected {', '.join(sorted(PRUNER_KEYS))})")
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "interval_steps" else 0):
-            raise RecipeError(f"{where}.{k}: got {v!r}, expected an integer >= {1 if k == 'interval_steps' else 0}")
+            raise RecipeError(
+                f"{where}.{k}: got {v!r}, expected an integer >= {1 if k == 'interval_steps' else 0}"
+            )
     return dict(spec)
 
 
-def load_space(path: str | Path, recipe: str | Path, overrides: list[str] = ()) -> Space:
+def load_space(path: str | Path, recipe: str | Path, overrides: Sequence[str] = ()) -> Space:
     """The space file, checked against the recipe: every distribution's sample values (each
     choice, both ends of a range) are applied to the recipe as overrides and validated, so a key
     the recipe does not have, or a value it rejects, is one line naming the dotted path."""
@@ -208,19 +220,25 @@ def load_space(path: str | Path, recipe: str | Path, overrides: list[str] = ()) 
         raise RecipeError(f"space {path}: expected a mapping with metric, direction and params")
     unknown = sorted(set(raw) - {"metric", "direction", "params", "pruner"})
     if unknown:
-        raise RecipeError(f"space {path}: {unknown[0]}: unknown key (expected metric, direction, params, pruner)")
+        raise RecipeError(
+            f"space {path}: {unknown[0]}: unknown key (expected metric, direction, params, pruner)"
+        )
     base = load_recipe(recipe, list(overrides))
     task = base.model.task
     metric = raw.get("metric")
     if metric not in TASK_METRICS[task]:
-        raise RecipeError(f"space {path}: metric: got {metric!r}, expected one of the {task} metrics: "
-                          f"{', '.join(TASK_METRICS[task])}")
+        raise RecipeError(
+            f"space {path}: metric: got {metric!r}, expected one of the {task} metrics: "
+            f"{', '.join(TASK_METRICS[task])}"
+        )
     direction = raw.get("direction", "minimize" if metric == "eval_loss" else "maximize")
     if direction not in DIRECTIONS:
         raise RecipeError(f"space {path}: direction: got {direction!r}, expected maximize or minimize")
     specs = raw.get("params")
     if not isinstance(specs, dict) or not specs:
-        raise RecipeError(f"space {path}: params: expected a mapping of recipe keys (e.g. optim.lr) to distributions")
+        raise RecipeError(
+            f"space {path}: params: expected a mapping of recipe keys (e.g. optim.lr) to distributions"
+        )
     params = {}
     for key, spec in specs.items():
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
@@ -239,6 +257,7 @@ def load_space(path: str | Path, recipe: str | Path, overrides: list[str] = ()) 
 
 
 # ---------------------------------------------------------------------------------- processes
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the parent dies (Linux), so a sweep killed outright
@@ -340,7 +359,7 @@ class _Evals:
 
     def __init__(self, target: Path, metric: str):
         self.target, self.metric = target, metric
-        self.file = None
+        self.file: TextIO | None = None
         self.rest = ""
 
     def _open(self, candidates: list[Path]) -> None:
@@ -356,7 +375,9 @@ class _Evals:
             t = self.target
             candidates = [t.with_name(f"{t.name}.partial-{pid}")] if pid is not None else []
             if ended or pid is None:
-                failed = sorted(t.parent.glob(f"{t.name}.failed*"), key=lambda p: p.stat().st_mtime, reverse=True)
+                failed = sorted(
+                    t.parent.glob(f"{t.name}.failed*"), key=lambda p: p.stat().st_mtime, reverse=True
+                )
                 candidates += [t, *failed]
             self._open(candidates)
             if self.file is None:
@@ -389,6 +410,7 @@ def _last_line(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------- the sweep
 
+
 @dataclass
 class Sweep:
     recipe: Path
@@ -404,6 +426,7 @@ class Sweep:
     base: Recipe | None = None
 
     def config(self) -> dict:
+        assert self.base is not None
         base = self.base.model_dump(mode="json")
         base["train"].pop("output_dir", None)
         return {"space": self.space.describe(), "recipe": base, "backend": self.backend}
@@ -439,8 +462,9 @@ def open_study(sw: Sweep, worker: int = 0, create: bool = False):
     try:
         storage = _storage(sw.storage_url)
         if create:
-            study = optuna.create_study(study_name=sw.study_name, storage=storage, load_if_exists=True,
-                                        direction=sw.space.direction)
+            study = optuna.create_study(
+                study_name=sw.study_name, storage=storage, load_if_exists=True, direction=sw.space.direction
+            )
         else:
             study = optuna.load_study(study_name=sw.study_name, storage=storage)
     except (ValueError, ImportError, KeyError) as err:
@@ -455,11 +479,15 @@ def open_study(sw: Sweep, worker: int = 0, create: bool = False):
     elif known is not None and known != sw.config():
         now = sw.config()
         what = next(k for k in now if known.get(k) != now[k])
-        raise SweepError(f"study {sw.study_name!r} in {sw.storage_url} was started with another {what}; continue "
-                         f"it with the same recipe, overrides, space and backend, or choose another --out")
+        raise SweepError(
+            f"study {sw.study_name!r} in {sw.storage_url} was started with another {what}; continue "
+            f"it with the same recipe, overrides, space and backend, or choose another --out"
+        )
     if study.direction.name.lower() != sw.space.direction:
-        raise SweepError(f"study {sw.study_name!r} in {sw.storage_url} is to {study.direction.name.lower()}, "
-                         f"the space says {sw.space.direction}; choose another --out")
+        raise SweepError(
+            f"study {sw.study_name!r} in {sw.storage_url} is to {study.direction.name.lower()}, "
+            f"the space says {sw.space.direction}; choose another --out"
+        )
     n = len(study.get_trials(deepcopy=False))
     seed = int(np.random.SeedSequence([sw.seed, n, worker]).generate_state(1)[0])
     study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -500,13 +528,28 @@ def _claim(study, sw: Sweep):
 def _finished_run(target: Path) -> bool:
     from dualtune.rundir import read_marker
 
-    return (target / "final_metrics.json").is_file() and (read_marker(target) or {}).get("status") == "finished"
+    return (target / "final_metrics.json").is_file() and (read_marker(target) or {}).get(
+        "status"
+    ) == "finished"
 
 
 def _run_command(sw: Sweep, params: dict, target: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "dualtune.cli", "run", str(sw.recipe), *sw.overrides,
-           *(override(k, v) for k, v in params.items()),
-           "--backend", sw.backend, "--device", sw.device, "--output-dir", str(target), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dualtune.cli",
+        "run",
+        str(sw.recipe),
+        *sw.overrides,
+        *(override(k, v) for k, v in params.items()),
+        "--backend",
+        sw.backend,
+        "--device",
+        sw.device,
+        "--output-dir",
+        str(target),
+        "--no-progress",
+    ]
     return cmd + (["--resume"] if resume else [])  # last: --resume takes an optional value
 
 
@@ -530,7 +573,7 @@ def _wait_for_previous(target: Path, timeout_s: float = 900.0) -> None:
 
 @dataclass
 class Outcome:
-    state: str           # COMPLETE | PRUNED | FAIL | INTERRUPTED
+    state: str  # COMPLETE | PRUNED | FAIL | INTERRUPTED
     value: float | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -566,12 +609,16 @@ def run_trial(study, sw: Sweep, trial, params: dict, resumed: bool, stop: _Stop)
             resume = resumed and any(u.checkpoint is not None for u in unfinished_runs(target))
             log_path = sw.out / f"{target.name}.log"
             with open(log_path, "ab") as log_file:
-                proc = subprocess.Popen(_run_command(sw, params, target, resume), stdout=log_file,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        # its own session: a Ctrl-C reaches the sweep, which stops the
-                                        # trial with one SIGTERM (a second signal would stop it at once)
-                                        start_new_session=True,
-                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
+                proc = subprocess.Popen(
+                    _run_command(sw, params, target, resume),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    # its own session: a Ctrl-C reaches the sweep, which stops the
+                    # trial with one SIGTERM (a second signal would stop it at once)
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )  # noqa: PLW1509 - no threads here
             try:
                 while proc.poll() is None:
                     if stop.signum is not None:
@@ -639,9 +686,13 @@ def progress_line(study, sw: Sweep, number: int, params: dict, outcome: Outcome)
     if outcome.state == "COMPLETE":
         result = f"{sw.space.metric}={outcome.value:.4f}"
     elif outcome.state == "FAIL":
-        result = outcome.error
+        result = outcome.error or ""
     elif outcome.state == "PRUNED":
-        result = f"at step {outcome.step}, {sw.space.metric}={outcome.value:.4f}" if outcome.value is not None else ""
+        result = (
+            f"at step {outcome.step}, {sw.space.metric}={outcome.value:.4f}"
+            if outcome.value is not None
+            else ""
+        )
     else:
         result = "stopped; the same command continues it"
     best = _best(study)
@@ -668,21 +719,37 @@ def work(sw: Sweep, worker: int = 0) -> int:
 
 # ---------------------------------------------------------------------------------- outputs
 
+
 def trial_rows(study, sw: Sweep) -> list[dict]:
     from dualtune.report import run_row
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row = {"number": t.number, "state": t.state.name, "value": t.value,
-               **{k: t.params.get(k) for k in sw.space.params},
-               "run_dir": t.user_attrs.get("run_dir", ""), "error": t.user_attrs.get("error", "")}
-        row["seconds"] = ((t.datetime_complete - t.datetime_start).total_seconds()
-                          if t.datetime_complete and t.datetime_start else None)
+        row = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            **{k: t.params.get(k) for k in sw.space.params},
+            "run_dir": t.user_attrs.get("run_dir", ""),
+            "error": t.user_attrs.get("error", ""),
+        }
+        row["seconds"] = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         if t.state.name == "COMPLETE":
             try:
                 rep = run_row(sw.out / row["run_dir"])
-                row.update({"main_metric": rep["metric"], "score": rep["score"], "f1_macro": rep["f1_macro"],
-                            "train_seconds": rep["train_seconds"], "steps": rep["steps"]})
+                row.update(
+                    {
+                        "main_metric": rep["metric"],
+                        "score": rep["score"],
+                        "f1_macro": rep["f1_macro"],
+                        "train_seconds": rep["train_seconds"],
+                        "steps": rep["steps"],
+                    }
+                )
             except UserError:
                 pass
         rows.append(row)
@@ -700,9 +767,17 @@ def write_table(rows: list[dict], sw: Sweep) -> None:
     writer.writerows([["" if row.get(k) is None else row[k] for k in keys] for row in rows])
     (sw.out / "trials.csv").write_text(buf.getvalue())
     headers = ["trial", "state", sw.space.metric, *sw.space.params, "run dir", "note"]
-    cells = [[str(r["number"]), r["state"].lower(), "-" if r["value"] is None else f"{r['value']:.4f}",
-              *("-" if r.get(k) is None else _fmt(r[k]) for k in sw.space.params), r["run_dir"],
-              r["error"]] for r in rows]
+    cells = [
+        [
+            str(r["number"]),
+            r["state"].lower(),
+            "-" if r["value"] is None else f"{r['value']:.4f}",
+            *("-" if r.get(k) is None else _fmt(r[k]) for k in sw.space.params),
+            r["run_dir"],
+            r["error"],
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [headers, *cells]]
     (sw.out / "trials.txt").write_text("\n".join(lines) + "\n")
@@ -733,21 +808,25 @@ def write_plots(study, sw: Sweep) -> list[str]:
         warnings.simplefilter("ignore")
         try:
             ax = ovm.plot_optimization_history(study, target_name=sw.space.metric)
-            ax.figure.savefig(sw.out / "history.png", dpi=100, bbox_inches="tight")
-            plt.close(ax.figure)
+            fig: Any = ax.figure
+            fig.savefig(sw.out / "history.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
         except Exception as err:  # noqa: BLE001 - a plot never fails a sweep
             notes.append(f"history.png not written: {str(err).splitlines()[0]}")
         if len(done) < 2:
             notes.append(f"importances.png not written: needs 2 completed trials, the study has {len(done)}")
             return notes
         if len({t.value for t in done}) == 1:
-            notes.append(f"importances.png not written: every completed trial has {sw.space.metric} {done[0].value:.4f}")
+            notes.append(
+                f"importances.png not written: every completed trial has {sw.space.metric} {done[0].value:.4f}"
+            )
             return notes
         try:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
             ax = ovm.plot_param_importances(study, evaluator=evaluator, target_name=sw.space.metric)
-            ax.figure.savefig(sw.out / "importances.png", dpi=100, bbox_inches="tight")
-            plt.close(ax.figure)
+            fig = ax.figure
+            fig.savefig(sw.out / "importances.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
         except Exception as err:  # noqa: BLE001
             notes.append(f"importances.png not written: {str(err).splitlines()[0]}")
     return notes
@@ -760,20 +839,26 @@ def summarize(study, sw: Sweep) -> str | None:
     notes = write_plots(study, sw)
     best = _best(study)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    lines = [f"sweep: {len(rows)} trial{'s' if len(rows) != 1 else ''}: " + ", ".join(f"{n} {'failed' if s == 'FAIL' else s.lower()}"
-                                                      for s, n in counts.items() if n)]
+    lines = [
+        f"sweep: {len(rows)} trial{'s' if len(rows) != 1 else ''}: "
+        + ", ".join(f"{n} {'failed' if s == 'FAIL' else s.lower()}" for s, n in counts.items() if n)
+    ]
     if best is not None:
         recipe = best_recipe(sw, best)
         shown = ", ".join(f"{k}={_fmt(best.params[k])}" for k in sw.space.params)
-        header = (f"# dualtune sweep {sw.study_name}: best of {len(rows)} trials, trial {best.number} "
-                  f"({best.user_attrs.get('run_dir', '')}), {sw.space.metric} {best.value:.6g} on {sw.backend}\n"
-                  f"# {shown}\n")
+        header = (
+            f"# dualtune sweep {sw.study_name}: best of {len(rows)} trials, trial {best.number} "
+            f"({best.user_attrs.get('run_dir', '')}), {sw.space.metric} {best.value:.6g} on {sw.backend}\n"
+            f"# {shown}\n"
+        )
         from dualtune.rundir import write_atomic
 
         write_atomic(sw.out / "best_recipe.yaml", header + recipe.to_yaml())
         lines.append(f"sweep: best trial {best.number}: {sw.space.metric}={best.value:.4f} ({shown})")
-        lines.append(f"sweep: best recipe: {sw.out / 'best_recipe.yaml'} "
-                     f"(dualtune run {sw.out / 'best_recipe.yaml'} --backend {sw.backend})")
+        lines.append(
+            f"sweep: best recipe: {sw.out / 'best_recipe.yaml'} "
+            f"(dualtune run {sw.out / 'best_recipe.yaml'} --backend {sw.backend})"
+        )
     else:
         lines.append("sweep: no trial completed; no best_recipe.yaml")
     lines += [f"sweep: {n}" for n in notes]
@@ -783,12 +868,22 @@ def summarize(study, sw: Sweep) -> str | None:
 
 # ---------------------------------------------------------------------------------- entry point
 
+
 def default_out(recipe: Recipe) -> Path:
     return Path(f"runs/sweep-{recipe.name or 'recipe'}")
 
 
-def make_sweep(recipe: str, overrides: list[str], space: str, trials: int, backend: str = "torch",
-               device: str = "cpu", storage: str | None = None, out: str | None = None, seed: int = 0) -> Sweep:
+def make_sweep(
+    recipe: str,
+    overrides: list[str],
+    space: str,
+    trials: int,
+    backend: str = "torch",
+    device: str = "cpu",
+    storage: str | None = None,
+    out: str | None = None,
+    seed: int = 0,
+) -> Sweep:
     if trials < 1:
         raise SweepError(f"--trials {trials}: expected 1 or more")
     base = load_recipe(recipe, list(overrides))
@@ -797,8 +892,19 @@ def make_sweep(recipe: str, overrides: list[str], space: str, trials: int, backe
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"{out_dir}: a file is in the way of the sweep directory; choose another --out")
     url = storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    return Sweep(Path(recipe).resolve(), list(overrides), sp, trials, out_dir.resolve(), url,
-                 base.name or Path(recipe).stem, backend, device, seed, base)
+    return Sweep(
+        Path(recipe).resolve(),
+        list(overrides),
+        sp,
+        trials,
+        out_dir.resolve(),
+        url,
+        base.name or Path(recipe).stem,
+        backend,
+        device,
+        seed,
+        base,
+    )
 
 
 def _check_foreign_trials(study, sw: Sweep) -> None:
@@ -807,8 +913,10 @@ def _check_foreign_trials(study, sw: Sweep) -> None:
     for p in sorted(sw.out.glob("trial-[0-9][0-9][0-9]*")):
         stem = p.name.split(".", 1)[0]
         if stem[6:].isdigit() and int(stem[6:]) not in numbers:
-            raise SweepError(f"{p}: a trial that study {sw.study_name!r} in {sw.storage_url} does not have; "
-                             f"the sweep directory belongs to another study: choose another --out")
+            raise SweepError(
+                f"{p}: a trial that study {sw.study_name!r} in {sw.storage_url} does not have; "
+                f"the sweep directory belongs to another study: choose another --out"
+            )
 
 
 def sweep(sw: Sweep, jobs: int = 1) -> int:
@@ -823,10 +931,13 @@ def sweep(sw: Sweep, jobs: int = 1) -> int:
     done = sum(t.state.name in FINISHED for t in trials)
     stale = sum(t.state.name == "RUNNING" and _stale(t) for t in trials)
     left = max(sw.trials - _count(trials), 0) + stale
-    print(f"sweep: study {sw.study_name} ({sw.space.direction} {sw.space.metric}) in {sw.storage_url}: "
-          f"{done} of {sw.trials} trials done" + (f", {stale} to continue" if stale else "")
-          + f"; {left} to run on {sw.backend} ({min(jobs, max(left, 1))} worker{'s' if jobs > 1 else ''}) -> {sw.out}",
-          flush=True)
+    print(
+        f"sweep: study {sw.study_name} ({sw.space.direction} {sw.space.metric}) in {sw.storage_url}: "
+        f"{done} of {sw.trials} trials done"
+        + (f", {stale} to continue" if stale else "")
+        + f"; {left} to run on {sw.backend} ({min(jobs, max(left, 1))} worker{'s' if jobs > 1 else ''}) -> {sw.out}",
+        flush=True,
+    )
     status = 0
     if left:
         if jobs == 1:
@@ -835,17 +946,41 @@ def sweep(sw: Sweep, jobs: int = 1) -> int:
             status = _spawn_workers(sw, min(jobs, left))
     print(summarize(open_study(sw), sw), flush=True)
     if status:
-        print(f"sweep: stopped by {signal.Signals(status - 128).name if status > 128 else status}; "
-              f"continue with the same command", file=sys.stderr, flush=True)
+        print(
+            f"sweep: stopped by {signal.Signals(status - 128).name if status > 128 else status}; "
+            f"continue with the same command",
+            file=sys.stderr,
+            flush=True,
+        )
         return status
     return 0 if _best(study) is not None else 1
 
 
 def worker_command(sw: Sweep, worker: int) -> list[str]:
-    return [sys.executable, "-m", "dualtune.cli", "sweep", str(sw.recipe), *sw.overrides,
-            "--space", str(sw.space.path.resolve()), "--trials", str(sw.trials), "--backend", sw.backend,
-            "--device", sw.device, "--storage", sw.storage_url, "--out", str(sw.out), "--seed", str(sw.seed),
-            "--worker", str(worker)]
+    return [
+        sys.executable,
+        "-m",
+        "dualtune.cli",
+        "sweep",
+        str(sw.recipe),
+        *sw.overrides,
+        "--space",
+        str(sw.space.path.resolve()),
+        "--trials",
+        str(sw.trials),
+        "--backend",
+        sw.backend,
+        "--device",
+        sw.device,
+        "--storage",
+        sw.storage_url,
+        "--out",
+        str(sw.out),
+        "--seed",
+        str(sw.seed),
+        "--worker",
+        str(worker),
+    ]
 
 
 def _spawn_workers(sw: Sweep, jobs: int) -> int:
@@ -861,9 +996,15 @@ def _spawn_workers(sw: Sweep, jobs: int) -> int:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     with _Stop(forward) as stop:
         for k in range(jobs):
-            procs.append(subprocess.Popen(worker_command(sw, k), stdin=subprocess.DEVNULL, env=env,
-                                          start_new_session=True,  # signals reach workers once, through forward()
-                                          preexec_fn=_die_with_parent))  # noqa: PLW1509
+            procs.append(
+                subprocess.Popen(
+                    worker_command(sw, k),
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,  # signals reach workers once, through forward()
+                    preexec_fn=_die_with_parent,
+                )
+            )  # noqa: PLW1509
         codes = [p.wait() for p in procs]
     if stop.signum is not None:
         return 128 + stop.signum

@@ -11,15 +11,57 @@ import random
 
 LABEL_NAMES = ["negative", "neutral", "positive"]
 
-_COMPANIES = ["Nordea", "Fiskars", "Componenta", "Aspo", "Tieto", "Ruukki", "Stora Enso", "Elisa",
-              "Kone", "Outotec", "Wartsila", "Raisio", "Sanoma", "Talvivaara", "Uponor", "YIT"]
-_METRICS = ["operating profit", "net sales", "net profit", "revenue", "order intake", "EBIT",
-            "earnings per share", "pre-tax profit", "cash flow", "market share"]
+_COMPANIES = [
+    "Nordea",
+    "Fiskars",
+    "Componenta",
+    "Aspo",
+    "Tieto",
+    "Ruukki",
+    "Stora Enso",
+    "Elisa",
+    "Kone",
+    "Outotec",
+    "Wartsila",
+    "Raisio",
+    "Sanoma",
+    "Talvivaara",
+    "Uponor",
+    "YIT",
+]
+_METRICS = [
+    "operating profit",
+    "net sales",
+    "net profit",
+    "revenue",
+    "order intake",
+    "EBIT",
+    "earnings per share",
+    "pre-tax profit",
+    "cash flow",
+    "market share",
+]
 _CITIES = ["Helsinki", "Espoo", "Tampere", "Oulu", "Turku", "Stockholm", "Tallinn", "Vantaa"]
-_PRODUCTS = ["paper machines", "steel products", "software services", "elevators", "packaging",
-             "mobile networks", "engines", "building systems"]
-_PERIODS = ["the first quarter", "the second quarter", "the third quarter", "2008", "2009",
-            "the review period", "January-June", "the fiscal year"]
+_PRODUCTS = [
+    "paper machines",
+    "steel products",
+    "software services",
+    "elevators",
+    "packaging",
+    "mobile networks",
+    "engines",
+    "building systems",
+]
+_PERIODS = [
+    "the first quarter",
+    "the second quarter",
+    "the third quarter",
+    "2008",
+    "2009",
+    "the review period",
+    "January-June",
+    "the fiscal year",
+]
 
 _TEMPLATES = {
     "positive": [
@@ -62,9 +104,15 @@ def generate(rows: int = 1000, seed: int = 0) -> list[dict]:
         label = rng.choices(labels, weights=[_WEIGHTS[k] for k in labels])[0]
         amt = rng.uniform(1, 500)
         sentence = rng.choice(_TEMPLATES[label]).format(
-            company=rng.choice(_COMPANIES), metric=rng.choice(_METRICS), city=rng.choice(_CITIES),
-            product=rng.choice(_PRODUCTS), period=rng.choice(_PERIODS), pct=rng.randint(2, 60),
-            amt=f"{amt:.1f}", amt2=f"{amt * rng.uniform(0.4, 0.9):.1f}", n=rng.randint(20, 2000),
+            company=rng.choice(_COMPANIES),
+            metric=rng.choice(_METRICS),
+            city=rng.choice(_CITIES),
+            product=rng.choice(_PRODUCTS),
+            period=rng.choice(_PERIODS),
+            pct=rng.randint(2, 60),
+            amt=f"{amt:.1f}",
+            amt2=f"{amt * rng.uniform(0.4, 0.9):.1f}",
+            n=rng.randint(20, 2000),
         )
         out.append({"sentence": sentence, "label": label})
     return out

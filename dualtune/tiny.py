@@ -8,7 +8,7 @@ rather than understand it. The model files themselves are written by a backend
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 DECODER_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama, which has no pad token
@@ -34,11 +34,17 @@ def tiny_tokenizer(texts: Sequence[str], decoder: bool = False):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     if decoder:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def tiny_config(kind: str, tokenizer):
@@ -46,16 +52,44 @@ def tiny_config(kind: str, tokenizer):
 
     vocab_size = len(tokenizer)
     if kind == "t5":
-        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                        dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        return T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.1,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     if kind == "bert":
-        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, max_position_embeddings=256, pad_token_id=0)
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            pad_token_id=0,
+        )
     if kind == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown tiny model kind {kind!r}: expected {', '.join(TINY_KINDS)}")
 
 

@@ -42,10 +42,18 @@ log = logging.getLogger("dualtune")
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-BACKEND_PACKAGES = {"torch": ("torch", "transformers", "peft", "numpy"),
-                    "mindspore": ("mindspore", "mindnlp", "transformers", "peft", "numpy")}
+BACKEND_PACKAGES = {
+    "torch": ("torch", "transformers", "peft", "numpy"),
+    "mindspore": ("mindspore", "mindnlp", "transformers", "peft", "numpy"),
+}
 IMAGES = ("confusion_matrix.png", "loss_curve.png")
-ARTIFACTS = ("recipe.yaml", "final_metrics.json", "classification_report.json", "metrics.jsonl", "trainable.json")
+ARTIFACTS = (
+    "recipe.yaml",
+    "final_metrics.json",
+    "classification_report.json",
+    "metrics.jsonl",
+    "trainable.json",
+)
 MLFLOW_PARAM_MAX = 6000  # MLflow 3's longest param value
 
 
@@ -54,8 +62,10 @@ def check_trackers(recipe: Any) -> None:
     missing = [name for name in recipe.train.report_to if importlib.util.find_spec(MODULES[name]) is None]
     if missing:
         mods = " and ".join(MODULES[m] for m in missing)
-        raise RecipeError(f"train.report_to {', '.join(missing)}: {mods} is not installed; "
-                          f"pip install 'dualtune[tracking]' (or remove it from train.report_to)")
+        raise RecipeError(
+            f"train.report_to {', '.join(missing)}: {mods} is not installed; "
+            f"pip install 'dualtune[tracking]' (or remove it from train.report_to)"
+        )
 
 
 def versions(backend_name: str) -> dict[str, str]:
@@ -70,8 +80,11 @@ def versions(backend_name: str) -> dict[str, str]:
 
 
 def _numbers(record: dict, skip: tuple[str, ...] = ("step", "epoch", "split")) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+    }
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -101,13 +114,20 @@ class RunInfo:
         import yaml
 
         self.run_path, self.target = Path(run_path), Path(target)
-        self.recipe_yaml = (self.run_path / "recipe.yaml").read_text() if (self.run_path / "recipe.yaml").is_file() \
+        self.recipe_yaml = (
+            (self.run_path / "recipe.yaml").read_text()
+            if (self.run_path / "recipe.yaml").is_file()
             else recipe.to_yaml()
+        )
         self.recipe = yaml.safe_load(self.recipe_yaml)
         self.project = recipe.train.tracking_project or recipe.name or "dualtune"
         self.run_name = self.target.name
-        self.environment = {"backend": backend_name, "device": device, "run_dir": str(self.target.resolve()),
-                            "versions": versions(backend_name)}
+        self.environment = {
+            "backend": backend_name,
+            "device": device,
+            "run_dir": str(self.target.resolve()),
+            "versions": versions(backend_name),
+        }
 
 
 class Tracker:
@@ -135,8 +155,9 @@ class TensorBoardTracker(Tracker):
 
         self.logdir = info.run_path / "tensorboard"
         # purge_step: a resumed run drops what the interrupted one logged after its checkpoint.
-        self.writer = SummaryWriter(logdir=str(self.logdir), purge_step=step + 1 if step else None,
-                                    flush_secs=30)
+        self.writer = SummaryWriter(
+            logdir=str(self.logdir), purge_step=step + 1 if step else None, flush_secs=30
+        )
         self.writer.add_text("recipe", "```\n" + info.recipe_yaml + "```", step)
         self.writer.add_text("run", "```\n" + json.dumps(info.environment, indent=2) + "\n```", step)
         log.info("tensorboard: %s (tensorboard --logdir %s)", self.logdir, info.target / "tensorboard")
@@ -176,19 +197,28 @@ class MlflowTracker(Tracker):
             artifacts = (store / "mlartifacts").as_uri()
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(info.project)
-        exp_id = exp.experiment_id if exp is not None else \
-            self.client.create_experiment(info.project, artifact_location=artifacts and f"{artifacts}/{info.project}")
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else self.client.create_experiment(
+                info.project, artifact_location=artifacts and f"{artifacts}/{info.project}"
+            )
+        )
         env = info.environment
-        tags = {"dualtune.backend": env["backend"], "dualtune.device": env["device"],
-                "dualtune.run_dir": env["run_dir"], "dualtune.resumed_at_step": str(step),
-                **{f"version.{k}": v for k, v in env["versions"].items()}}
+        tags = {
+            "dualtune.backend": env["backend"],
+            "dualtune.device": env["device"],
+            "dualtune.run_dir": env["run_dir"],
+            "dualtune.resumed_at_step": str(step),
+            **{f"version.{k}": v for k, v in env["versions"].items()},
+        }
         self.run_id = self.client.create_run(exp_id, run_name=info.run_name, tags=tags).info.run_id
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:MLFLOW_PARAM_MAX]) for k, v in _flat(info.recipe).items()]
         params += [Param("run.backend", env["backend"]), Param("run.device", env["device"])]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, info.recipe_yaml, "recipe.yaml")
         log.info("mlflow: run %s in experiment %r at %s", self.run_id, info.project, uri)
 
@@ -196,7 +226,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(f"{prefix}/{k}", v, now, step) for k, v in values.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(f"{prefix}/{k}", v, now, step) for k, v in values.items()]
+        )
 
     def log_step(self, step, values):
         self._metrics("train", step, values)
@@ -224,14 +256,27 @@ class WandbTracker(Tracker):
 
         mode = os.environ.get("WANDB_MODE") or "offline"  # the user's choice, else no network needed
         where = os.environ.get("WANDB_DIR") or str(info.run_path)
-        self.run = wandb.init(project=info.project, name=info.run_name, dir=where, mode=mode,
-                              config={**info.recipe, "run": info.environment}, reinit="create_new",
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=info.project,
+            name=info.run_name,
+            dir=where,
+            mode=mode,
+            config={**info.recipe, "run": info.environment},
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True),
+        )
         files = Path(self.run.dir).parent  # .../wandb/offline-run-*: under the partial run directory
         if not os.environ.get("WANDB_DIR") and files.resolve().is_relative_to(info.run_path.resolve()):
-            files = info.target / files.resolve().relative_to(info.run_path.resolve())  # after the run's rename
-        log.info("wandb: run %s (%s) in %s%s", self.run.id, mode, files,
-                 f" (upload: wandb sync {files})" if mode == "offline" else "")
+            files = info.target / files.resolve().relative_to(
+                info.run_path.resolve()
+            )  # after the run's rename
+        log.info(
+            "wandb: run %s (%s) in %s%s",
+            self.run.id,
+            mode,
+            files,
+            f" (upload: wandb sync {files})" if mode == "offline" else "",
+        )
 
     def log_step(self, step, values):
         self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
@@ -243,7 +288,9 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run.summary.update({f"final/{k}": v for k, v in values.items()})
-        images = {name[:-4]: wandb.Image(str(run_dir / name)) for name in IMAGES if (run_dir / name).is_file()}
+        images = {
+            name[:-4]: wandb.Image(str(run_dir / name)) for name in IMAGES if (run_dir / name).is_file()
+        }
         if images:
             self.run.log(images, step=step)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +75,9 @@ def epoch_order(prep: Prepared, epoch: int, world: int = 1) -> np.ndarray:
     """The training batches' order in ``epoch``: a function of (seed, epoch) only, identical on every
     backend, on every process and after a resume."""
     r = prep.recipe
-    return datamap.shuffled_order(prep.train_set, step_batch_size(r, world), r.train.seed + epoch,
-                                  r.train.group_by_length)
+    return datamap.shuffled_order(
+        prep.train_set, step_batch_size(r, world), r.train.seed + epoch, r.train.group_by_length
+    )
 
 
 def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> list[float]:
@@ -92,7 +94,9 @@ def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> l
     return [s / total for s in sizes]
 
 
-def step_loss_and_grads(backend: Backend, prep: Prepared, micro: list[dict[str, np.ndarray]]) -> tuple[Any, list]:
+def step_loss_and_grads(
+    backend: Backend, prep: Prepared, micro: list[dict[str, np.ndarray]]
+) -> tuple[Any, list]:
     """The step batch's mean loss and gradients, from its micro-batches (``batch_size`` rows each).
 
     One process and one micro-batch: the backend's own (the loss still a tensor). Otherwise process
@@ -108,7 +112,9 @@ def step_loss_and_grads(backend: Backend, prep: Prepared, micro: list[dict[str, 
     for i in range(rank * k, min(rank * k + k, len(micro))):
         part_loss, part = backend.value_and_grad(prep.model, prep.params, backend.to_tensors(micro[i]))
         loss += backend.to_float(part_loss) * shares[i]
-        grads = [g * shares[i] for g in part] if not grads else [a + g * shares[i] for a, g in zip(grads, part)]
+        grads = (
+            [g * shares[i] for g in part] if not grads else [a + g * shares[i] for a, g in zip(grads, part)]
+        )
     if not grads:  # the epoch's last, short step left no rows for this process
         grads = [p.detach() * 0.0 for p in prep.params]
     if world > 1:
@@ -116,8 +122,13 @@ def step_loss_and_grads(backend: Backend, prep: Prepared, micro: list[dict[str, 
     return loss, grads
 
 
-def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), full_eval: bool = False,
-          resume: Resume | None = None) -> tuple[list[dict], LoopState]:
+def train(
+    backend: Backend,
+    prep: Prepared,
+    callbacks: Sequence[Callback] = (),
+    full_eval: bool = False,
+    resume: Resume | None = None,
+) -> tuple[list[dict], LoopState]:
     """Run the recipe's optimizer steps; returns the per-step records and the final loop state.
 
     Evaluates every ``train.eval_every`` (by default each epoch) except after the last step: that
@@ -127,9 +138,11 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
     task, pad = r.model.task, prep.tokenizer.pad_token_id
     events = CallbackList([NanGuard(), *callbacks])
     rank, world = backend.world()
-    state = LoopState(total_steps=total_steps(r, len(prep.train_set), world),
-                      steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r, world)),
-                      optimizer=backend.make_optimizer(prep.params, r.optim))
+    state = LoopState(
+        total_steps=total_steps(r, len(prep.train_set), world),
+        steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r, world)),
+        optimizer=backend.make_optimizer(prep.params, r.optim),
+    )
     records: list[dict] = []
     if resume is not None:
         backend.load_optimizer_state(state.optimizer, resume.optimizer_state)
@@ -151,30 +164,47 @@ def train(backend: Backend, prep: Prepared, callbacks: Sequence[Callback] = (), 
             if world > 1 and backend.all_reduce_sum([], [float(state.stop)])[1][0] > 0:
                 state.stop = True  # one process was stopped (a signal, early stopping): all stop here
                 break
-            rows = order[state.position * step_rows: (state.position + 1) * step_rows]
-            micro = [datamap.collate(prep.train_set, rows[i: i + bs], pad, r.data, task) for i in range(0, len(rows), bs)]
+            rows = order[state.position * step_rows : (state.position + 1) * step_rows]
+            micro = [
+                datamap.collate(prep.train_set, rows[i : i + bs], pad, r.data, task)
+                for i in range(0, len(rows), bs)
+            ]
             lr = lr_at(state.step, r.optim.lr, r.schedule, state.total_steps)
             loss, grads = step_loss_and_grads(backend, prep, micro)
             grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
             backend.apply_update(state.optimizer, grads, lr)
-            loss = loss if isinstance(loss, float) else backend.to_float(loss)  # after the update: the step is done
+            loss = (
+                loss if isinstance(loss, float) else backend.to_float(loss)
+            )  # after the update: the step is done
             state.step += 1
             state.position += 1
             # tokens: non-padding input tokens, plus label tokens for seq2seq (what a step learns from)
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             if task == "seq2seq":
                 tokens += sum(int((b["labels"] != -100).sum()) for b in micro)
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": tokens}
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+            }
             records.append(record)
             events.on_step_end(state, record)
             end_of_epoch = state.position == state.steps_per_epoch
-            if rank == 0 and state.step < state.total_steps and (
-                    (eval_every and state.step % eval_every == 0) or (eval_every is None and end_of_epoch)):
+            if (
+                rank == 0
+                and state.step < state.total_steps
+                and ((eval_every and state.step % eval_every == 0) or (eval_every is None and end_of_epoch))
+            ):
                 evaluation = evaluate(backend, prep, generate=None if full_eval else False)
                 state.last_eval = {"step": state.step, "epoch": state.epoch, **evaluation.metrics}
-                log.info("eval at step %d: %s", state.step,
-                         ", ".join(f"{k}={v:.4f}" for k, v in evaluation.metrics.items()))
+                log.info(
+                    "eval at step %d: %s",
+                    state.step,
+                    ", ".join(f"{k}={v:.4f}" for k, v in evaluation.metrics.items()),
+                )
                 events.on_evaluate(state, state.last_eval)
     log.info("trained %d steps in %.1f s", state.step - first_step, time.perf_counter() - started)
     if state.stop and state.stop_reason:

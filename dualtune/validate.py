@@ -24,7 +24,6 @@ import os
 import shutil
 import struct
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,26 +60,37 @@ class Plan:
     total_steps: int
     epochs: float
     eval_points: list[int]
-    input_tokens: dict[str, int] | None = None     # p50, p95, max (before truncation), padded max
-    target_tokens: dict[str, int] | None = None    # seq2seq: label words' token counts
-    model_parameters: int | None = None            # from the weights file's header
+    input_tokens: dict[str, int] | None = None  # p50, p95, max (before truncation), padded max
+    target_tokens: dict[str, int] | None = None  # seq2seq: label words' token counts
+    model_parameters: int | None = None  # from the weights file's header
     max_positions: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"recipe {self.recipe} on {self.backend} ({self.device})" + (f" -> {self.output}" if self.output else ""),
-               f"task {self.task}, {len(self.label_names)} labels: {', '.join(map(datamap.shown, self.label_names))}",
-               "rows: " + ", ".join(f"{k} {v}" for k, v in self.rows.items())]
+        out = [
+            f"recipe {self.recipe} on {self.backend} ({self.device})"
+            + (f" -> {self.output}" if self.output else ""),
+            f"task {self.task}, {len(self.label_names)} labels: {', '.join(map(datamap.shown, self.label_names))}",
+            "rows: " + ", ".join(f"{k} {v}" for k, v in self.rows.items()),
+        ]
         for split, counts in self.class_counts.items():
-            out.append(f"  {split} per class: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in counts.items()))
-        out.append(f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {self.epochs:.3g} epochs); "
-                   f"evaluation at steps {', '.join(map(str, self.eval_points)) or 'none'}")
+            out.append(
+                f"  {split} per class: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in counts.items())
+            )
+        out.append(
+            f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {self.epochs:.3g} epochs); "
+            f"evaluation at steps {', '.join(map(str, self.eval_points)) or 'none'}"
+        )
         if self.input_tokens:
             t = self.input_tokens
-            out.append(f"input tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; padded to at most "
-                       f"{t['padded']} (data.max_length {t['max_length']}), {t['truncated']} rows cut")
+            out.append(
+                f"input tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; padded to at most "
+                f"{t['padded']} (data.max_length {t['max_length']}), {t['truncated']} rows cut"
+            )
         if self.target_tokens:
-            out.append("label tokens: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in self.target_tokens.items()))
+            out.append(
+                "label tokens: " + ", ".join(f"{datamap.shown(k)} {v}" for k, v in self.target_tokens.items())
+            )
         if self.max_positions:
             out.append(f"model positions: {self.max_positions}")
         if self.model_parameters:
@@ -90,6 +100,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------- model files (config, tokenizer, weights)
+
 
 def model_dir(name_or_path: str) -> Path | None:
     """The model's local directory: a path, ``pkg:``, or the hub cache's snapshot; None if not here."""
@@ -117,13 +128,19 @@ def read_config(directory: Path | None) -> dict | None:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise BackendError(f"{directory / 'config.json'}: not valid JSON ({str(err).splitlines()[0]})") from None
+        raise BackendError(
+            f"{directory / 'config.json'}: not valid JSON ({str(err).splitlines()[0]})"
+        ) from None
     return config if isinstance(config, dict) else None
 
 
 def max_positions(config: dict | None) -> int | None:
     """Positions the model can embed; None where positions are relative (T5) or unknown."""
-    if not config or config.get("model_type") in RELATIVE_POSITIONS or config.get("relative_attention_num_buckets"):
+    if (
+        not config
+        or config.get("model_type") in RELATIVE_POSITIONS
+        or config.get("relative_attention_num_buckets")
+    ):
         return None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = config.get(key)
@@ -141,7 +158,9 @@ def load_tokenizer(directory: Path | None):
     try:
         tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
     except Exception as err:
-        raise BackendError(f"{directory / 'tokenizer.json'}: cannot be read ({str(err).splitlines()[0][:120]})") from None
+        raise BackendError(
+            f"{directory / 'tokenizer.json'}: cannot be read ({str(err).splitlines()[0][:120]})"
+        ) from None
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -157,8 +176,10 @@ def safetensors_header(path: Path) -> dict[str, Any]:
                 raise RunDirError(f"{path}: not a safetensors file ({size} bytes, truncated or empty)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100 << 20:
-                raise RunDirError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file: "
-                                  f"truncated or corrupt)")
+                raise RunDirError(
+                    f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file: "
+                    f"truncated or corrupt)"
+                )
             header = json.loads(f.read(n).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise RunDirError(f"{path}: not a safetensors file (its header is not JSON: corrupt)") from None
@@ -172,15 +193,19 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     except (TypeError, KeyError, IndexError, ValueError, OverflowError):
         raise RunDirError(f"{path}: not a safetensors file (corrupt header)") from None
     if 8 + n + end > size:
-        raise RunDirError(f"{path}: truncated ({size} bytes, its header describes {8 + n + end}); the file "
-                          f"was cut while written or copied")
+        raise RunDirError(
+            f"{path}: truncated ({size} bytes, its header describes {8 + n + end}); the file "
+            f"was cut while written or copied"
+        )
     return tensors
 
 
 def _shape(entry: dict) -> list[int]:
     shape = entry.get("shape")
-    ok = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    return shape if ok else []
+    ok = isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
+    return [int(d) for d in shape or []] if ok else []
 
 
 def weight_names(directory: Path | None) -> dict[str, list[int]] | None:
@@ -193,7 +218,9 @@ def weight_names(directory: Path | None) -> dict[str, list[int]] | None:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted({str(v) for v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+            shards = sorted(
+                {str(v) for v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()}
+            )
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             return None
         out: dict[str, list[int]] = {}
@@ -206,6 +233,7 @@ def weight_names(directory: Path | None) -> dict[str, list[int]] | None:
 
 # ---------------------------------------------------------------- device and output
 
+
 def check_device(backend: str, device: str) -> None:
     """An accelerator asked for must be on this machine: MindSpore otherwise fails deep inside with
     30 lines ending 'Unsupported device target'. A probe for the device files only (cheap): a
@@ -215,9 +243,13 @@ def check_device(backend: str, device: str) -> None:
         return
     if backend == "mindspore":
         if device == "ascend" and not glob.glob("/dev/davinci[0-9]*"):
-            raise BackendError("--device ascend: no Ascend NPU on this machine (no /dev/davinci*); use --device cpu")
+            raise BackendError(
+                "--device ascend: no Ascend NPU on this machine (no /dev/davinci*); use --device cpu"
+            )
         if device == "gpu" and not glob.glob("/dev/nvidia[0-9]*"):
-            raise BackendError("--device gpu: no NVIDIA GPU on this machine (no /dev/nvidia*); use --device cpu")
+            raise BackendError(
+                "--device gpu: no NVIDIA GPU on this machine (no /dev/nvidia*); use --device cpu"
+            )
         if device not in ("cpu", "ascend", "gpu"):
             raise BackendError(f"--device {device}: the mindspore backend runs on cpu, ascend, gpu")
     elif backend == "torch":
@@ -245,18 +277,28 @@ def check_writable(target: Path, need_mb: float) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        why = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror)
+        why = (
+            {
+                errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied",
+                errno.ENOSPC: "no space left",
+                errno.EDQUOT: "disk quota exceeded",
+            }.get(err.errno or 0)
+            or err.strerror
+            or "error"
+        )
         raise RunDirError(f"{target}: cannot write in {base} ({why}); choose another --output-dir") from None
     free_mb = shutil.disk_usage(base).free / 2**20
     if free_mb < need_mb:
-        raise RunDirError(f"{target}: {free_mb:.0f} MB free in {base}, the run needs about {need_mb:.0f} MB; "
-                          f"free space or choose another --output-dir")
+        raise RunDirError(
+            f"{target}: {free_mb:.0f} MB free in {base}, the run needs about {need_mb:.0f} MB; "
+            f"free space or choose another --output-dir"
+        )
 
 
 def space_needed_mb(recipe: Recipe, weights_bytes: int | None) -> float:
     """A rough lower bound: full fine-tuning saves the whole model (and AdamW state in checkpoints)."""
-    need = BASE_SPACE_MB
+    need = float(BASE_SPACE_MB)
     if recipe.peft.method == "none" and weights_bytes:
         keep = recipe.train.keep_checkpoints or 2
         need += weights_bytes / 2**20 * (1 + (3 * keep if recipe.train.save_every else 0))
@@ -264,6 +306,7 @@ def space_needed_mb(recipe: Recipe, weights_bytes: int | None) -> float:
 
 
 # ---------------------------------------------------------------- the checks
+
 
 def _percentile(values: list[int], q: float) -> int:
     return int(np.percentile(values, q, method="nearest")) if values else 0
@@ -274,8 +317,11 @@ def _eval_points(recipe: Recipe, steps_per_epoch: int, total: int) -> list[int]:
     if isinstance(every, int):
         points = list(range(every, total, every))
     else:
-        points = [e * steps_per_epoch for e in range(1, math.ceil(total / max(1, steps_per_epoch)) + 1)
-                  if e * steps_per_epoch < total]
+        points = [
+            e * steps_per_epoch
+            for e in range(1, math.ceil(total / max(1, steps_per_epoch)) + 1)
+            if e * steps_per_epoch < total
+        ]
     return points + [total]  # and once after the last step
 
 
@@ -285,22 +331,30 @@ def check_labels(recipe: Recipe, raw: list[dict], rows: datamap.Rows, warnings: 
     present = sorted(set(rows.labels))
     seen = [rows.label_names[i] for i in present]
     if model.num_labels is not None and not spec.label_names and len(rows.label_names) != model.num_labels:
-        raise DataError(f"model.num_labels is {model.num_labels} but {spec.source} gives {len(rows.label_names)} "
-                        f"class{'es' if len(rows.label_names) != 1 else ''} ({', '.join(map(datamap.shown, rows.label_names))}); "
-                        f"set data.label_names to name all {model.num_labels}, or fix model.num_labels")
+        raise DataError(
+            f"model.num_labels is {model.num_labels} but {spec.source} gives {len(rows.label_names)} "
+            f"class{'es' if len(rows.label_names) != 1 else ''} ({', '.join(map(datamap.shown, rows.label_names))}); "
+            f"set data.label_names to name all {model.num_labels}, or fix model.num_labels"
+        )
     if len(present) == 1:
         if model.task == "classification":
-            raise DataError(f"{spec.source}: every row has the label {seen[0]!r}; a classifier needs rows of "
-                            f"at least two classes")
+            raise DataError(
+                f"{spec.source}: every row has the label {seen[0]!r}; a classifier needs rows of "
+                f"at least two classes"
+            )
         warnings.append(f"{spec.source}: every row has the label {seen[0]!r}: the model learns one answer")
     missing = [n for i, n in enumerate(rows.label_names) if i not in present]
     if missing and len(present) > 1:
-        warnings.append(f"{spec.source}: no rows of label{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+        warnings.append(
+            f"{spec.source}: no rows of label{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+        )
     values = [r["label"] for r in raw]
     by_id = sum(1 for v in values if not isinstance(v, str) or datamap._is_id(v))
     if 0 < by_id < len(values):
-        warnings.append(f"{spec.source}: the label column mixes names ({len(values) - by_id} rows) and ids "
-                        f"({by_id} rows); ids count in data.label_names order")
+        warnings.append(
+            f"{spec.source}: the label column mixes names ({len(values) - by_id} rows) and ids "
+            f"({by_id} rows); ids count in data.label_names order"
+        )
 
 
 def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, plan: Plan) -> None:
@@ -312,26 +366,39 @@ def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, 
         virtual = getattr(recipe.peft, recipe.peft.method).num_virtual_tokens
     if limit is not None and spec.max_length + virtual > limit:
         plus = f" + {virtual} virtual tokens ({recipe.peft.method})" if virtual else ""
-        raise RecipeError(f"data.max_length {spec.max_length}{plus}: above the {limit} positions of "
-                          f"{recipe.model.name_or_path} (config.json); set data.max_length to at most "
-                          f"{limit - virtual}")
+        raise RecipeError(
+            f"data.max_length {spec.max_length}{plus}: above the {limit} positions of "
+            f"{recipe.model.name_or_path} (config.json); set data.max_length to at most "
+            f"{limit - virtual}"
+        )
     if tok is None:
-        plan.warnings.append(f"{recipe.model.name_or_path}: no tokenizer.json; token counts and label words "
-                             f"not checked")
+        plan.warnings.append(
+            f"{recipe.model.name_or_path}: no tokenizer.json; token counts and label words not checked"
+        )
         return
     special = len(tok.encode("").ids)
     if spec.max_length <= special:
-        raise RecipeError(f"data.max_length {spec.max_length}: no room for text (the tokenizer adds {special} "
-                          f"special token{'s' if special != 1 else ''} to every input)")
+        raise RecipeError(
+            f"data.max_length {spec.max_length}: no room for text (the tokenizer adds {special} "
+            f"special token{'s' if special != 1 else ''} to every input)"
+        )
     lengths = [len(e.ids) for e in tok.encode_batch(rows.texts)]
     cut = sum(1 for n in lengths if n > spec.max_length)
     padded = spec.max_length if spec.padding == "max_length" else min(max(lengths), spec.max_length)
-    plan.input_tokens = {"p50": _percentile(lengths, 50), "p95": _percentile(lengths, 95), "max": max(lengths),
-                         "padded": padded, "max_length": spec.max_length, "truncated": cut}
+    plan.input_tokens = {
+        "p50": _percentile(lengths, 50),
+        "p95": _percentile(lengths, 95),
+        "max": max(lengths),
+        "padded": padded,
+        "max_length": spec.max_length,
+        "truncated": cut,
+    }
     if cut > TRUNCATED_SHARE * len(lengths):
-        plan.warnings.append(f"data.max_length {spec.max_length} cuts the input of {cut} of {len(lengths)} rows "
-                             f"({100 * cut / len(lengths):.0f} %; p50 {plan.input_tokens['p50']}, p95 "
-                             f"{plan.input_tokens['p95']} tokens)")
+        plan.warnings.append(
+            f"data.max_length {spec.max_length} cuts the input of {cut} of {len(lengths)} rows "
+            f"({100 * cut / len(lengths):.0f} %; p50 {plan.input_tokens['p50']}, p95 "
+            f"{plan.input_tokens['p95']} tokens)"
+        )
     if task == "seq2seq":
         check_label_words(recipe, tok, rows.label_names, sorted(set(rows.labels)), plan)
 
@@ -359,14 +426,26 @@ def check_label_words(recipe: Recipe, tok, names: list[str], present: list[int],
     clash = next((group for group in same.values() if len(group) > 1), None)
     if empty or clash:
         need = max(len(full[i]) for i in present)
-        why = (f"{', '.join(map(repr, empty))} become{'s' if len(empty) == 1 else ''} no word at all" if empty
-               else f"{' and '.join(map(repr, clash))} become the same target")
-        raise RecipeError(f"data.label_max_length {limit}: {why} ({said}); set data.label_max_length to {need}")
+        why = (
+            f"{', '.join(map(repr, empty))} become{'s' if len(empty) == 1 else ''} no word at all"
+            if empty
+            else f"{' and '.join(map(repr, clash or []))} become the same target"
+        )
+        raise RecipeError(
+            f"data.label_max_length {limit}: {why} ({said}); set data.label_max_length to {need}"
+        )
     plan.warnings.append(f"data.label_max_length {limit} cuts label words: {said}")
 
 
-def validate(recipe: Recipe, backend: str = "torch", device: str = "cpu", output: str | Path | None = None,
-             overwrite: bool = False, resume: str | Path | bool | None = None, check_out: bool = True) -> Plan:
+def validate(
+    recipe: Recipe,
+    backend: str = "torch",
+    device: str = "cpu",
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | bool | None = None,
+    check_out: bool = True,
+) -> Plan:
     """Every check a run can make before its framework loads; returns the plan or raises a UserError."""
     check_device(backend, device)
     target = None
@@ -384,30 +463,45 @@ def validate(recipe: Recipe, backend: str = "torch", device: str = "cpu", output
     check_labels(recipe, raw, rows, warnings)
     train_rows, eval_rows = datamap.split_rows(rows, recipe.data.train_split, recipe.data.seed)
     names = rows.label_names
-    counts = {split: {n: c for n, c in zip(names, np.bincount(r.labels, minlength=len(names)).tolist())}
-              for split, r in (("train", train_rows), ("eval", eval_rows))}
+    counts = {
+        split: {n: c for n, c in zip(names, np.bincount(r.labels, minlength=len(names)).tolist())}
+        for split, r in (("train", train_rows), ("eval", eval_rows))
+    }
     for split, per in counts.items():
         nonzero = [n for n, c in per.items() if c]
         if len(nonzero) == 1 and len(set(rows.labels)) > 1:
             warnings.append(f"the {split} split has rows of one class only ({nonzero[0]!r})")
     if len(eval_rows.texts) < SMALL_EVAL:
-        warnings.append(f"the eval split has {len(eval_rows.texts)} rows: each one moves accuracy by "
-                        f"{100 / len(eval_rows.texts):.0f} points")
+        warnings.append(
+            f"the eval split has {len(eval_rows.texts)} rows: each one moves accuracy by "
+            f"{100 / len(eval_rows.texts):.0f} points"
+        )
 
     t = recipe.train
     per_epoch = datamap.num_batches(len(train_rows.texts), t.batch_size)
     total = min(t.epochs * per_epoch, t.max_steps) if t.max_steps else t.epochs * per_epoch
-    plan = Plan(recipe=recipe.name or "run", backend=backend, device=device,
-                output=str(target) if target is not None else None, task=recipe.model.task,
-                label_names=list(names), rows={"all": len(rows.texts), "train": len(train_rows.texts),
-                                               "eval": len(eval_rows.texts)},
-                class_counts=counts, steps_per_epoch=per_epoch, total_steps=total, epochs=total / per_epoch,
-                eval_points=_eval_points(recipe, per_epoch, total), warnings=warnings)
+    plan = Plan(
+        recipe=recipe.name or "run",
+        backend=backend,
+        device=device,
+        output=str(target) if target is not None else None,
+        task=recipe.model.task,
+        label_names=list(names),
+        rows={"all": len(rows.texts), "train": len(train_rows.texts), "eval": len(eval_rows.texts)},
+        class_counts=counts,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        epochs=total / per_epoch,
+        eval_points=_eval_points(recipe, per_epoch, total),
+        warnings=warnings,
+    )
     if weights:
         plan.model_parameters = int(sum(int(np.prod(s)) for s in weights.values()))
     if directory is None:
-        plan.warnings.append(f"model {recipe.model.name_or_path}: not on this machine (nor in the hub cache); "
-                             f"lengths and label words not checked")
+        plan.warnings.append(
+            f"model {recipe.model.name_or_path}: not on this machine (nor in the hub cache); "
+            f"lengths and label words not checked"
+        )
     else:
         check_lengths(recipe, config, load_tokenizer(directory), rows, plan)
     if target is not None:
@@ -419,6 +513,7 @@ def validate(recipe: Recipe, backend: str = "torch", device: str = "cpu", output
 
 
 # ---------------------------------------------------------------- a saved adapter (eval, predict)
+
 
 def _module_names(weights: dict[str, list[int]]) -> set[str]:
     return {k.rsplit(".", 1)[0] for k in weights}
@@ -449,8 +544,13 @@ def check_adapter(run_dir: str | Path, recipe: Recipe, adapter: str | Path | Non
     if method not in PEFT_LIBRARY_METHODS:
         return
     kind = str(config.get("peft_type", "")).lower()
-    expected = {"prefix": "prefix_tuning", "prompt": "prompt_tuning", "p_tuning": "p_tuning", "lora": "lora",
-                "ia3": "ia3"}[method]
+    expected = {
+        "prefix": "prefix_tuning",
+        "prompt": "prompt_tuning",
+        "p_tuning": "p_tuning",
+        "lora": "lora",
+        "ia3": "ia3",
+    }[method]
     if kind and kind != expected:
         raise RunDirError(f"{config_file}: a {kind} adapter, but the run's recipe says peft.method {method}")
     targets = config.get("target_modules")
@@ -462,7 +562,9 @@ def check_adapter(run_dir: str | Path, recipe: Recipe, adapter: str | Path | Non
         model_config = read_config(directory)
     except BackendError:
         return  # the backend says what is wrong with the model itself
-    _check_sizes(config, config_file, tensors, weights_file, base, model_config, recipe.model.name_or_path, on)
+    _check_sizes(
+        config, config_file, tensors, weights_file, base, model_config, recipe.model.name_or_path, on
+    )
     if not base or not targets:
         return
     modules = _module_names(base)
@@ -470,13 +572,15 @@ def check_adapter(run_dir: str | Path, recipe: Recipe, adapter: str | Path | Non
         import re
 
         found = any(re.fullmatch(targets, m) for m in modules)
-        wanted = targets
+        wanted: str | list[str] = targets
     else:
         found = all(any(m == t or m.endswith("." + t) for m in modules) for t in targets)
         wanted = sorted(targets)
     if not found:
-        raise RunDirError(f"{config_file}: target modules {wanted} not found in {recipe.model.name_or_path} "
-                          f"(the run's model.name_or_path){on}: the adapter belongs to another model")
+        raise RunDirError(
+            f"{config_file}: target modules {wanted} not found in {recipe.model.name_or_path} "
+            f"(the run's model.name_or_path){on}: the adapter belongs to another model"
+        )
 
 
 def _first_int(config: dict, *keys: str) -> int | None:
@@ -487,8 +591,16 @@ def _first_int(config: dict, *keys: str) -> int | None:
     return None
 
 
-def _check_sizes(adapter_config: dict, config_file: Path, tensors: dict, weights_file: Path,
-                 base: dict[str, list[int]] | None, model_config: dict | None, model: str, on: str) -> None:
+def _check_sizes(
+    adapter_config: dict,
+    config_file: Path,
+    tensors: dict,
+    weights_file: Path,
+    base: dict[str, list[int]] | None,
+    model_config: dict | None,
+    model: str,
+    on: str,
+) -> None:
     """Sizes the adapter was made for against the model's: a prompt-learning adapter's width and
     layers, a LoRA matrix's input width (peft otherwise fails with a size-mismatch traceback)."""
     if model_config:
@@ -497,8 +609,10 @@ def _check_sizes(adapter_config: dict, config_file: Path, tensors: dict, weights
         for key, have in (("token_dim", width), ("num_layers", layers)):
             want = adapter_config.get(key)
             if isinstance(want, int) and have is not None and want != have:
-                raise RunDirError(f"{config_file}: {key} {want}, but {model} has {have}{on}: the adapter belongs "
-                                  f"to another model")
+                raise RunDirError(
+                    f"{config_file}: {key} {want}, but {model} has {have}{on}: the adapter belongs "
+                    f"to another model"
+                )
     if not base:
         return
     for key, entry in tensors.items():
@@ -513,5 +627,7 @@ def _check_sizes(adapter_config: dict, config_file: Path, tensors: dict, weights
             continue
         shape, base_shape = _shape(entry), base[match]
         if len(shape) == 2 and len(base_shape) == 2 and shape[1] != base_shape[1]:
-            raise RunDirError(f"{weights_file}: {key} takes {shape[1]} inputs, but {model}'s {match} has "
-                              f"{base_shape[1]}{on}: the adapter belongs to another model")
+            raise RunDirError(
+                f"{weights_file}: {key} takes {shape[1]} inputs, but {model}'s {match} has "
+                f"{base_shape[1]}{on}: the adapter belongs to another model"
+            )

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from dualtune import data as datamap
-from dualtune.recipe import load_recipe
 from dualtune.prepare import prepare
+from dualtune.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
 # The tiny models' shapes (dualtune.tiny): d_model 32, 2 layers, T5 d_ff 64 and 4 attention blocks in
 # its decoder + 2 in its encoder, BERT intermediate 64, Llama 2 of 4 heads for keys/values (16 wide).
-BERT_HEAD = 32 * 3 + 3   # classifier weight + bias, 3 labels
-LLAMA_HEAD = 32 * 3      # score, no bias
+BERT_HEAD = 32 * 3 + 3  # classifier weight + bias, 3 labels
+LLAMA_HEAD = 32 * 3  # score, no bias
 MLP_ENCODER = 3 * (32 * 32 + 32)  # p-tuning's MLP: three Linear(32, 32) layers
 # (model kind, method) -> (recipe, extra overrides, trainable parameters counted by hand)
 METHOD_CASES = {
@@ -29,12 +29,23 @@ METHOD_CASES = {
     ("bert", "p_tuning"): ("minilm_demo.yaml", [], 20 * 32 + MLP_ENCODER + BERT_HEAD),
     # key, value (outputs), attention.output.dense and output.dense (inputs: both match "output.dense")
     ("bert", "ia3"): ("minilm_demo.yaml", [], 2 * (32 + 32 + 32 + 64) + BERT_HEAD),
-    ("llama", "lora"): ("minilm_demo.yaml", ["peft.lora.target_modules=null"],
-                        2 * (8 * (32 + 32) + 8 * (32 + 16)) + LLAMA_HEAD),  # q_proj 32->32, v_proj 32->16
-    ("llama", "prefix"): ("minilm_demo.yaml", [], 20 * 2 * 2 * 16 + LLAMA_HEAD),  # tokens x layers x (k, v) x kv width
+    ("llama", "lora"): (
+        "minilm_demo.yaml",
+        ["peft.lora.target_modules=null"],
+        2 * (8 * (32 + 32) + 8 * (32 + 16)) + LLAMA_HEAD,
+    ),  # q_proj 32->32, v_proj 32->16
+    ("llama", "prefix"): (
+        "minilm_demo.yaml",
+        [],
+        20 * 2 * 2 * 16 + LLAMA_HEAD,
+    ),  # tokens x layers x (k, v) x kv width
     ("llama", "prompt"): ("minilm_demo.yaml", [], 20 * 32 + LLAMA_HEAD),
     ("llama", "p_tuning"): ("minilm_demo.yaml", [], 20 * 32 + MLP_ENCODER + LLAMA_HEAD),
-    ("llama", "ia3"): ("minilm_demo.yaml", [], 2 * (16 + 16 + 64) + LLAMA_HEAD),  # k_proj, v_proj, down_proj's input
+    ("llama", "ia3"): (
+        "minilm_demo.yaml",
+        [],
+        2 * (16 + 16 + 64) + LLAMA_HEAD,
+    ),  # k_proj, v_proj, down_proj's input
 }
 
 # The offline demo (recipes/minilm_demo.yaml, real MiniLM) with the methods it must learn with.
@@ -48,8 +59,15 @@ DEMO_METHODS = {
 def method_overrides(kind: str, method: str, model_dir: str, data: str) -> tuple[str, list[str]]:
     """The recipe and overrides that run ``method`` on a tiny model of ``kind`` (a METHOD_CASES key)."""
     recipe, extra, _ = METHOD_CASES[(kind, method)]
-    overrides = [f"model.name_or_path={model_dir}", f"data.source={data}", f"peft.method={method}",
-                 "train.max_steps=2", "train.eval_every=1000", "optim.weight_decay=0", *extra]
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"data.source={data}",
+        f"peft.method={method}",
+        "train.max_steps=2",
+        "train.eval_every=1000",
+        "optim.weight_decay=0",
+        *extra,
+    ]
     if kind == "llama":
         overrides.append("model.pad_token_as_eos=true")  # Llama ships without a pad token
     if recipe == "minilm_demo.yaml":
@@ -59,8 +77,9 @@ def method_overrides(kind: str, method: str, model_dir: str, data: str) -> tuple
 
 def dualtune_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (one backend per process)."""
-    proc = subprocess.run([sys.executable, "-m", "dualtune.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dualtune.cli", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"dualtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -76,8 +95,16 @@ def snapshot(backend, model) -> dict[str, np.ndarray]:
 
 def first_batch(backend, prep) -> dict:
     r = prep.recipe
-    np_batch = next(datamap.batches(prep.train_set, r.train.batch_size, prep.tokenizer.pad_token_id, r.data,
-                                    r.model.task, shuffle_seed=r.train.seed))
+    np_batch = next(
+        datamap.batches(
+            prep.train_set,
+            r.train.batch_size,
+            prep.tokenizer.pad_token_id,
+            r.data,
+            r.model.task,
+            shuffle_seed=r.train.seed,
+        )
+    )
     return backend.to_tensors(np_batch)
 
 

@@ -20,16 +20,45 @@ from helpers import RECIPES, REPO
 BENCHMARKS = REPO / "benchmarks"
 BENCH = BENCHMARKS / "bench.py"
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
-SIDE_FIELDS = METRICS + ("train_steps", "train_seconds", "train_tokens", "step_seconds", "eval_samples",
-                         "eval_seconds", "first_loss", "last_loss", "trainable_parameters",
-                         "total_parameters", "wall_seconds", "what")
+SIDE_FIELDS = METRICS + (
+    "train_steps",
+    "train_seconds",
+    "train_tokens",
+    "step_seconds",
+    "eval_samples",
+    "eval_seconds",
+    "first_loss",
+    "last_loss",
+    "trainable_parameters",
+    "total_parameters",
+    "wall_seconds",
+    "what",
+)
 
 
 def run_bench(backend: str, model: str, out, *extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--backend", backend, "--steps", "2",
-         "--eval-batches", "1", "--model", model, "--out", str(out), *extra],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            str(BENCH),
+            str(RECIPES / "t5_prefix.yaml"),
+            "--backend",
+            backend,
+            "--steps",
+            "2",
+            "--eval-batches",
+            "1",
+            "--model",
+            model,
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     assert "ratio d/r" in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
@@ -43,7 +72,11 @@ def check_report(report: dict, backend: str) -> None:
         got = report[side]
         assert set(SIDE_FIELDS) <= set(got), f"{side} lacks {sorted(set(SIDE_FIELDS) - set(got))}"
         for key in METRICS + ("train_seconds", "train_tokens", "eval_samples", "eval_seconds"):
-            assert isinstance(got[key], (int, float)) and math.isfinite(got[key]) and got[key] > 0, (side, key, got[key])
+            assert isinstance(got[key], (int, float)) and math.isfinite(got[key]) and got[key] > 0, (
+                side,
+                key,
+                got[key],
+            )
         assert got["train_steps"] == 2 and len(got["step_seconds"]) == 2
         assert got["eval_samples"] == 8
         assert math.isfinite(got["first_loss"]) and math.isfinite(got["last_loss"])
@@ -54,7 +87,9 @@ def check_report(report: dict, backend: str) -> None:
     assert report["dualtune"]["total_parameters"] == report["reference"]["total_parameters"]
     assert set(report["ratios"]) == set(METRICS)
     for key in METRICS:
-        assert report["ratios"][key] == pytest.approx(report["dualtune"][key] / report["reference"][key], rel=1e-12)
+        assert report["ratios"][key] == pytest.approx(
+            report["dualtune"][key] / report["reference"][key], rel=1e-12
+        )
 
 
 @pytest.mark.slow
@@ -67,8 +102,15 @@ def test_bench_torch(tiny_t5, tmp_path):
 @pytest.mark.slow
 def test_bench_reference_overrides_apply_to_the_reference_only(tiny_t5, tmp_path):
     """dualtune's dynamic, length-grouped padding against the notebooks' fixed-length padding."""
-    report = run_bench("torch", tiny_t5, tmp_path / "bench.json", "data.padding=longest",
-                       "train.group_by_length=true", "--reference", "data.padding=max_length")
+    report = run_bench(
+        "torch",
+        tiny_t5,
+        tmp_path / "bench.json",
+        "data.padding=longest",
+        "train.group_by_length=true",
+        "--reference",
+        "data.padding=max_length",
+    )
     assert report["dualtune"]["data"] == {"padding": "longest", "group_by_length": True}
     assert report["reference"]["data"] == {"padding": "max_length", "group_by_length": True}
     assert report["reference_overrides"] == ["data.padding=max_length"]
@@ -96,23 +138,32 @@ def test_bench_mindspore_against_torch(tiny_t5, tmp_path):
 
 
 def test_bench_against_torch_needs_the_mindspore_backend():
-    proc = subprocess.run([sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--against", "torch"],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--against", "torch"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("bench: error: --against torch compares the mindspore backend "
-                                                    "with torch; add --backend mindspore")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench: error: --against torch compares the mindspore backend with torch; add --backend mindspore"
+    )
 
 
 def test_bench_modules_import_without_a_framework():
     """The parent (bench.py, its helpers, the sides package) imports no framework: each side's child
     imports its own (mindnlp must never meet real torch), and the model maker's config is importable
     by the settings script."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench, sides, models, mindspore_cpu_settings; "
-            "from models import T5_SMALL_CONFIG; "
-            "heavy = sorted({'torch', 'transformers', 'peft', 'mindspore', 'mindnlp', 'mindtorch'} & set(sys.modules)); "
-            "side_modules = sorted(m for m in sys.modules if m.startswith('sides.')); "
-            "print(heavy, side_modules, T5_SMALL_CONFIG['d_model'])")
-    proc = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, cwd=REPO,
-                          timeout=60)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench, sides, models, mindspore_cpu_settings; "
+        "from models import T5_SMALL_CONFIG; "
+        "heavy = sorted({'torch', 'transformers', 'peft', 'mindspore', 'mindnlp', 'mindtorch'} & set(sys.modules)); "
+        "side_modules = sorted(m for m in sys.modules if m.startswith('sides.')); "
+        "print(heavy, side_modules, T5_SMALL_CONFIG['d_model'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[0] == "[] [] 512"

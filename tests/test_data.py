@@ -31,8 +31,9 @@ def pipeline(data_spec: DataSpec, tokenizer, task: str, batch_size: int, shuffle
     rows = datamap.load_rows(data_spec)
     train, evaluation = datamap.split_rows(rows, data_spec.train_split, data_spec.seed)
     enc = datamap.encode(train, tokenizer, data_spec, task)
-    return list(datamap.batches(enc, batch_size, tokenizer.pad_token_id, data_spec, task,
-                                shuffle_seed=shuffle_seed)), evaluation
+    return list(
+        datamap.batches(enc, batch_size, tokenizer.pad_token_id, data_spec, task, shuffle_seed=shuffle_seed)
+    ), evaluation
 
 
 def assert_identical(batches_a, batches_b):
@@ -53,6 +54,7 @@ def t5_tokenizer(tiny_t5):
 
 
 # ---------------------------------------------------------------- determinism
+
 
 @pytest.mark.parametrize("task", ["seq2seq", "classification"])
 def test_two_passes_give_byte_identical_batches(fin_data, t5_tokenizer, task):
@@ -112,14 +114,25 @@ def test_batches_do_not_depend_on_the_process(fin_data):
     """Two fresh processes with different string-hash seeds cut the same bytes."""
     digests = []
     for hash_seed in ("1", "2"):
-        proc = subprocess.run([sys.executable, "-c", _CHILD, fin_data], capture_output=True, text=True,
-                              env={"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin",
-                                   "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())}, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, fin_data],
+            capture_output=True,
+            text=True,
+            env={
+                "PYTHONHASHSEED": hash_seed,
+                "PATH": "/usr/bin:/bin",
+                "HF_DATASETS_OFFLINE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "HOME": str(Path.home()),
+            },
+            check=True,
+        )
         digests.append(proc.stdout.strip())
     assert len(digests[0]) == 64 and digests[0] == digests[1]
 
 
 # ---------------------------------------------------------------- length-grouped batches
+
 
 def test_length_grouped_batches_pad_less_and_keep_every_example(fin_data, t5_tokenizer):
     data_spec = spec(fin_data, max_rows=None)
@@ -128,13 +141,19 @@ def test_length_grouped_batches_pad_less_and_keep_every_example(fin_data, t5_tok
     lengths = [len(x) for x in enc.input_ids]
 
     def cut(group):
-        return list(datamap.batches(enc, 8, 0, data_spec, "classification", shuffle_seed=7, group_by_length=group))
+        return list(
+            datamap.batches(enc, 8, 0, data_spec, "classification", shuffle_seed=7, group_by_length=group)
+        )
 
     plain, grouped = cut(False), cut(True)
     assert [b["input_ids"].tobytes() for b in grouped] == [b["input_ids"].tobytes() for b in cut(True)]
+
     # the same examples, each once: sorted (text length, label) pairs agree
     def seen(bs):
-        return sorted((int(m.sum()), int(l)) for b in bs for m, l in zip(b["attention_mask"], b["labels"]))
+        return sorted(
+            (int(m.sum()), int(item)) for b in bs for m, item in zip(b["attention_mask"], b["labels"])
+        )
+
     assert seen(grouped) == seen(plain) and len(seen(grouped)) == len(enc)
     padded = lambda bs: sum(b["input_ids"].size for b in bs)  # noqa: E731
     assert padded(grouped) < 0.8 * padded(plain)
@@ -159,7 +178,9 @@ def test_eval_order_is_longest_first_and_stable_unless_padding_to_max_length(fin
     order = datamap.eval_order(enc, data_spec)
     keys = [(-len(enc.input_ids[i]), i) for i in order]
     assert keys == sorted(keys) and sorted(order.tolist()) == list(range(len(enc)))
-    sorted_pad = sum(b["input_ids"].size for b in datamap.batches(enc, 8, 0, data_spec, "classification", order=order))
+    sorted_pad = sum(
+        b["input_ids"].size for b in datamap.batches(enc, 8, 0, data_spec, "classification", order=order)
+    )
     plain_pad = sum(b["input_ids"].size for b in datamap.batches(enc, 8, 0, data_spec, "classification"))
     assert sorted_pad < 0.8 * plain_pad
     fixed = spec(fin_data, max_rows=None, padding="max_length")
@@ -168,13 +189,17 @@ def test_eval_order_is_longest_first_and_stable_unless_padding_to_max_length(fin
 
 # ---------------------------------------------------------------- split sizes
 
-@pytest.mark.parametrize("n, train_fraction, n_eval", [
-    (2264, 0.9, 227),   # financial_phrasebank (all agree)
-    (200, 0.9, 20),
-    (10, 0.75, 3),      # ceil(2.5)
-    (10, 0.7, 3),       # (1 - 0.7) * 10 is 3.0000000000000004 in floats: still 3
-    (7, 0.5, 4),        # ceil(3.5)
-])
+
+@pytest.mark.parametrize(
+    "n, train_fraction, n_eval",
+    [
+        (2264, 0.9, 227),  # financial_phrasebank (all agree)
+        (200, 0.9, 20),
+        (10, 0.75, 3),  # ceil(2.5)
+        (10, 0.7, 3),  # (1 - 0.7) * 10 is 3.0000000000000004 in floats: still 3
+        (7, 0.5, 4),  # ceil(3.5)
+    ],
+)
 def test_split_sizes_round_eval_up(n, train_fraction, n_eval):
     rows = Rows([f"row {i}" for i in range(n)], [i % 3 for i in range(n)], LABELS)
     train, evaluation = datamap.split_rows(rows, train_fraction, seed=42)
@@ -190,7 +215,8 @@ def test_split_sizes_match_datasets_train_test_split(n, train_fraction):
     import datasets
 
     hf = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
-        test_size=round(1 - train_fraction, 6), seed=0)
+        test_size=round(1 - train_fraction, 6), seed=0
+    )
     rows = Rows([str(i) for i in range(n)], [0] * n, ["x"])
     train, evaluation = datamap.split_rows(rows, train_fraction, seed=0)
     assert (len(train.texts), len(evaluation.texts)) == (len(hf["train"]), len(hf["test"]))
@@ -214,17 +240,20 @@ def test_too_few_rows_to_split():
 
 # ---------------------------------------------------------------- padding
 
+
 def test_seq2seq_labels_pad_with_minus_100_and_inputs_with_pad_id():
-    enc = Encoded(input_ids=[[5, 6, 7, 1], [8, 1]], targets=[[20, 1], [21, 22, 1]], labels=[0, 1],
-                  texts=["a", "b"])
+    enc = Encoded(
+        input_ids=[[5, 6, 7, 1], [8, 1]], targets=[[20, 1], [21, 22, 1]], labels=[0, 1], texts=["a", "b"]
+    )
     d = DataSpec(source="x", max_length=6, label_max_length=4)
     batch = datamap.collate(enc, [0, 1], pad_id=0, spec=d, task="seq2seq")
     np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7, 1], [8, 1, 0, 0]])
     np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
     np.testing.assert_array_equal(batch["labels"], [[20, 1, -100], [21, 22, 1]])
 
-    fixed = datamap.collate(enc, [1, 0], pad_id=0, spec=d.model_copy(update={"padding": "max_length"}),
-                            task="seq2seq")
+    fixed = datamap.collate(
+        enc, [1, 0], pad_id=0, spec=d.model_copy(update={"padding": "max_length"}), task="seq2seq"
+    )
     np.testing.assert_array_equal(fixed["input_ids"], [[8, 1, 0, 0, 0, 0], [5, 6, 7, 1, 0, 0]])
     np.testing.assert_array_equal(fixed["labels"], [[21, 22, 1, -100], [20, 1, -100, -100]])
     assert all(v.dtype == np.int64 for v in fixed.values())
@@ -240,7 +269,7 @@ def test_real_tokenizer_label_padding(fin_data, t5_tokenizer):
     for row in labels:
         ids = [int(x) for x in row if x != -100]
         assert ids in words
-        assert list(row[len(ids):]) == [-100] * (3 - len(ids))
+        assert list(row[len(ids) :]) == [-100] * (3 - len(ids))
     assert (labels == t5_tokenizer.pad_token_id).sum() == 0
     assert (labels == -100).any()
 
@@ -261,10 +290,12 @@ FPB_LINES = (
     "Sales dropped \x85 sharply in Q3 .@negative\r\n"
 )
 FPB_ROWS = (
-    ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn .",
-     "Contact: info@example.com for the annual report .",
-     "L\u00e4nnen Tehtaat 's net sales fell \u00a3 3 mn",
-     "Sales dropped \x85 sharply in Q3 ."],
+    [
+        "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn .",
+        "Contact: info@example.com for the annual report .",
+        "L\u00e4nnen Tehtaat 's net sales fell \u00a3 3 mn",
+        "Sales dropped \x85 sharply in Q3 .",
+    ],
     [2, 1, 0, 0],
 )
 
@@ -286,11 +317,14 @@ def test_label_names_default_to_sorted_label_strings(tmp_path):
     assert rows.labels == [2, 0, 1]
 
 
-@pytest.mark.parametrize("content, lineno, shown", [
-    (b"Fine line@positive\n\nno separator on this line\n", 3, "no separator on this line"),
-    (b"Fine line@positive\nThe label is missing@\n", 2, "The label is missing@"),
-    (b"@neutral\n", 1, "@neutral"),
-])
+@pytest.mark.parametrize(
+    "content, lineno, shown",
+    [
+        (b"Fine line@positive\n\nno separator on this line\n", 3, "no separator on this line"),
+        (b"Fine line@positive\nThe label is missing@\n", 2, "The label is missing@"),
+        (b"@neutral\n", 1, "@neutral"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, content, lineno, shown):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
@@ -309,8 +343,10 @@ def test_unknown_label_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------- tables (csv, tsv, json, jsonl, parquet)
 
-TABLE = {"text": ["Profit rose 5 % .", "Sales fell , again", "The board met on Monday ."],
-         "sentiment": ["positive", "negative", "neutral"]}
+TABLE = {
+    "text": ["Profit rose 5 % .", "Sales fell , again", "The board met on Monday ."],
+    "sentiment": ["positive", "negative", "neutral"],
+}
 
 
 def write_table(path: Path, columns: dict) -> Path:
@@ -349,17 +385,25 @@ def test_missing_column_names_the_columns(tmp_path):
     path = write_table(tmp_path / "fin.csv", TABLE)
     with pytest.raises(DataError) as err:
         datamap.load_rows(spec(path))  # default text_field "sentence"
-    assert str(err.value) == (f"{path}: no column 'sentence' (columns: text, sentiment); "
-                              f"set data.text_field / data.label_field")
+    assert str(err.value) == (
+        f"{path}: no column 'sentence' (columns: text, sentiment); set data.text_field / data.label_field"
+    )
 
 
-@pytest.mark.parametrize("suffix, content, where, what", [
-    (".csv", "sentence,label\nfine,positive\n,negative\n", ":3", "empty or missing 'sentence'"),
-    (".csv", "sentence,label\nfine,positive\nno label here,\n", ":3", "empty or missing 'label'"),
-    (".jsonl", '{"sentence": "fine", "label": "positive"}\n{"sentence": "odd", "label": "bullish"}\n', ":2",
-     "label 'bullish' is not one of ['negative', 'neutral', 'positive']"),
-    (".csv", "sentence,label\nfine,positive\nway off,7\n", ":3", "label '7' is outside 0..2"),
-])
+@pytest.mark.parametrize(
+    "suffix, content, where, what",
+    [
+        (".csv", "sentence,label\nfine,positive\n,negative\n", ":3", "empty or missing 'sentence'"),
+        (".csv", "sentence,label\nfine,positive\nno label here,\n", ":3", "empty or missing 'label'"),
+        (
+            ".jsonl",
+            '{"sentence": "fine", "label": "positive"}\n{"sentence": "odd", "label": "bullish"}\n',
+            ":2",
+            "label 'bullish' is not one of ['negative', 'neutral', 'positive']",
+        ),
+        (".csv", "sentence,label\nfine,positive\nway off,7\n", ":3", "label '7' is outside 0..2"),
+    ],
+)
 def test_bad_table_row_names_file_and_line(tmp_path, suffix, content, where, what):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content)
@@ -390,16 +434,21 @@ def make_fpb_zip(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("FinancialPhraseBank-v1.0/License.txt", "not data")
         zf.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt", FPB_LINES.encode("latin-1"))
-        zf.writestr("FinancialPhraseBank-v1.0/Sentences_50Agree.txt",
-                    "Half agree on this one .@neutral\nAnd this one@positive\n".encode("latin-1"))
+        zf.writestr(
+            "FinancialPhraseBank-v1.0/Sentences_50Agree.txt",
+            "Half agree on this one .@neutral\nAnd this one@positive\n".encode("latin-1"),
+        )
     return path
 
 
-@pytest.mark.parametrize("config, expected", [
-    (None, FPB_ROWS),
-    ("sentences_allagree", FPB_ROWS),
-    ("sentences_50agree", (["Half agree on this one .", "And this one"], [1, 2])),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (None, FPB_ROWS),
+        ("sentences_allagree", FPB_ROWS),
+        ("sentences_50agree", (["Half agree on this one .", "And this one"], [1, 2])),
+    ],
+)
 def test_fpb_zip_loads_by_config(tmp_path, config, expected):
     archive = make_fpb_zip(tmp_path / "FinancialPhraseBank-v1.0.zip")
     rows = datamap.load_rows(spec(archive, config=config))
@@ -416,8 +465,10 @@ def test_fpb_zip_errors(tmp_path):
     assert str(err.value) == f"{archive}: no Sentences_75Agree.txt inside the zip"
     with pytest.raises(DataError) as err:
         datamap.load_rows(spec(archive, config="sentences_99agree"))
-    assert str(err.value) == ("data.config 'sentences_99agree': expected one of sentences_allagree, "
-                              "sentences_75agree, sentences_66agree, sentences_50agree")
+    assert str(err.value) == (
+        "data.config 'sentences_99agree': expected one of sentences_allagree, "
+        "sentences_75agree, sentences_66agree, sentences_50agree"
+    )
 
 
 def test_max_rows_keeps_the_first_rows(fin_data):

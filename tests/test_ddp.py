@@ -15,8 +15,10 @@ import pytest
 
 from helpers import RECIPES, dualtune_cli
 
-CASES = {"bert": ("minilm_demo.yaml", ["data.max_rows=52"]),  # 41 train rows: the last step has 9
-         "t5": ("t5_lora.yaml", ["data.max_rows=52", "train.group_by_length=true"])}
+CASES = {
+    "bert": ("minilm_demo.yaml", ["data.max_rows=52"]),  # 41 train rows: the last step has 9
+    "t5": ("t5_lora.yaml", ["data.max_rows=52", "train.group_by_length=true"]),
+}
 
 
 def records(run):
@@ -26,19 +28,38 @@ def records(run):
 @pytest.mark.parametrize("kind", list(CASES))
 def test_two_processes_of_8_are_one_of_16(tiny_bert, tiny_t5, fin_data, tmp_path, kind):
     recipe, extra = CASES[kind]
-    common = [str(RECIPES / recipe), f"model.name_or_path={tiny_t5 if kind == 't5' else tiny_bert}",
-              f"data.source={fin_data}", "train.max_steps=5", "train.eval_every=3", "train.dropout=false",
-              "optim.lr=1e-2", "schedule.warmup_ratio=null", "--no-progress", *extra]
+    common = [
+        str(RECIPES / recipe),
+        f"model.name_or_path={tiny_t5 if kind == 't5' else tiny_bert}",
+        f"data.source={fin_data}",
+        "train.max_steps=5",
+        "train.eval_every=3",
+        "train.dropout=false",
+        "optim.lr=1e-2",
+        "schedule.warmup_ratio=null",
+        "--no-progress",
+        *extra,
+    ]
     dualtune_cli("run", *common, "train.batch_size=16", "--output-dir", str(tmp_path / "one"))
-    proc = dualtune_cli("run", *common, "train.batch_size=8", "--nproc", "2", "--output-dir", str(tmp_path / "two"),
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = dualtune_cli(
+        "run",
+        *common,
+        "train.batch_size=8",
+        "--nproc",
+        "2",
+        "--output-dir",
+        str(tmp_path / "two"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert "data parallel on 2 processes" in proc.stderr
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3, 4, 5, 5]
     steps = [(a, b) for a, b in zip(one, two) if "loss" in a]
     assert [a["tokens"] for a, _ in steps] == [b["tokens"] for _, b in steps]  # the same rows each step
     np.testing.assert_allclose([b["loss"] for _, b in steps], [a["loss"] for a, _ in steps], rtol=1e-5)
-    np.testing.assert_allclose([b["grad_norm"] for _, b in steps], [a["grad_norm"] for a, _ in steps], rtol=1e-4)
+    np.testing.assert_allclose(
+        [b["grad_norm"] for _, b in steps], [a["grad_norm"] for a, _ in steps], rtol=1e-4
+    )
     final_one = json.loads((tmp_path / "one" / "final_metrics.json").read_text())
     final_two = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
     assert final_two["steps"] == final_one["steps"] == 5
@@ -48,24 +69,52 @@ def test_two_processes_of_8_are_one_of_16(tiny_bert, tiny_t5, fin_data, tmp_path
 
 
 def test_nproc_needs_torch(tmp_path):
-    proc = dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", "--nproc", "2",
-                        "--output-dir", str(tmp_path / "x"), check=False)
+    proc = dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        "--backend",
+        "mindspore",
+        "--nproc",
+        "2",
+        "--output-dir",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
-        2, "dualtune: error: --nproc 2: data parallel runs on --backend torch (torchrun); MindSpore's msrun "
-           "is not supported yet")
+        2,
+        "dualtune: error: --nproc 2: data parallel runs on --backend torch (torchrun); MindSpore's msrun "
+        "is not supported yet",
+    )
 
 
 def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny_bert, fin_data, tmp_path):
-    common = [str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
-              "data.max_rows=null", "train.max_steps=8", "train.eval_every=4", "train.save_every=2",
-              "train.batch_size=8", "optim.lr=1e-2", "train.dropout=false", "--no-progress", "--nproc", "2"]
+    common = [
+        str(RECIPES / "minilm_demo.yaml"),
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=8",
+        "train.eval_every=4",
+        "train.save_every=2",
+        "train.batch_size=8",
+        "optim.lr=1e-2",
+        "train.dropout=false",
+        "--no-progress",
+        "--nproc",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dualtune_cli("run", *common, "--output-dir", str(tmp_path / "ref"), env=env)
-    cut = subprocess.Popen([sys.executable, "-m", "dualtune.cli", "run", *common, "--output-dir", str(tmp_path / "b")],
-                           stderr=subprocess.PIPE, text=True, env=env)
+    cut = subprocess.Popen(
+        [sys.executable, "-m", "dualtune.cli", "run", *common, "--output-dir", str(tmp_path / "b")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(
-            '"step": 3' in p.read_text() for p in tmp_path.glob("b.partial-*/metrics.jsonl")):
+        '"step": 3' in p.read_text() for p in tmp_path.glob("b.partial-*/metrics.jsonl")
+    ):
         time.sleep(0.05)
     cut.send_signal(signal.SIGTERM)
     _, err = cut.communicate(timeout=300)
@@ -75,5 +124,6 @@ def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny
     ref, resumed = records(tmp_path / "ref"), records(tmp_path / "b")
     assert [r["step"] for r in resumed] == [r["step"] for r in ref] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
     assert resumed == ref  # every loss, gradient norm and eval metric, bit for bit (dropout off)
-    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()

@@ -53,16 +53,26 @@ class NumpyStep(HFBackend):
         return [g * scale for g in grads], norm
 
     def make_optimizer(self, params, optim_spec):
-        return {"params": params, "spec": optim_spec, "step": 0,
-                "exp_avg": [np.zeros(tuple(p.shape)) for p in params],
-                "exp_avg_sq": [np.zeros(tuple(p.shape)) for p in params]}
+        return {
+            "params": params,
+            "spec": optim_spec,
+            "step": 0,
+            "exp_avg": [np.zeros(tuple(p.shape)) for p in params],
+            "exp_avg_sq": [np.zeros(tuple(p.shape)) for p in params],
+        }
 
     def apply_update(self, optimizer, grads, lr):
         optimizer["step"] += 1
         for i, (p, g) in enumerate(zip(optimizer["params"], grads)):
             new, optimizer["exp_avg"][i], optimizer["exp_avg_sq"][i] = adamw_reference(
-                p.detach().numpy().astype(np.float64), g, optimizer["exp_avg"][i], optimizer["exp_avg_sq"][i],
-                optimizer["step"], lr, optimizer["spec"])
+                p.detach().numpy().astype(np.float64),
+                g,
+                optimizer["exp_avg"][i],
+                optimizer["exp_avg_sq"][i],
+                optimizer["step"],
+                lr,
+                optimizer["spec"],
+            )
             with torch.no_grad():
                 p.copy_(torch.from_numpy(new.astype(np.float32)))
 
@@ -70,8 +80,13 @@ class NumpyStep(HFBackend):
         return {k: optimizer[k] for k in ("step", "exp_avg", "exp_avg_sq")}
 
     def load_optimizer_state(self, optimizer, state):
-        optimizer.update({"step": int(state["step"]), "exp_avg": [np.asarray(a, np.float64) for a in state["exp_avg"]],
-                          "exp_avg_sq": [np.asarray(a, np.float64) for a in state["exp_avg_sq"]]})
+        optimizer.update(
+            {
+                "step": int(state["step"]),
+                "exp_avg": [np.asarray(a, np.float64) for a in state["exp_avg"]],
+                "exp_avg_sq": [np.asarray(a, np.float64) for a in state["exp_avg_sq"]],
+            }
+        )
 
 
 def test_the_framework_step_is_all_a_framework_writes():
@@ -84,20 +99,34 @@ def test_the_framework_step_is_all_a_framework_writes():
 
 
 def _losses(run) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_the_core_drives_a_numpy_step_to_torchs_numbers(tiny_bert, fin_data, tmp_path, clip):
     from dualtune.backend import get_backend
 
-    recipe = load_recipe(RECIPES / "minilm_demo.yaml", [
-        f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null", "train.max_steps=6",
-        "train.eval_every=3", "train.dropout=false", "optim.lr=1e-2", f"optim.grad_clip={clip or 'null'}"])
+    recipe = load_recipe(
+        RECIPES / "minilm_demo.yaml",
+        [
+            f"model.name_or_path={tiny_bert}",
+            f"data.source={fin_data}",
+            "data.max_rows=null",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            "train.dropout=false",
+            "optim.lr=1e-2",
+            f"optim.grad_clip={clip or 'null'}",
+        ],
+    )
     ours = run_recipe(recipe, NumpyStep("cpu"), tmp_path / "numpy", progress=False)
     theirs = run_recipe(recipe, get_backend("torch"), tmp_path / "torch", progress=False)
     a, b = _losses(ours), _losses(theirs)
     assert len(a) == len(b) == 6 and a[-1] < a[0]
     np.testing.assert_allclose(a, b, rtol=1e-5)
     preds = [json.loads(line)["pred"] for line in (ours / "predictions.jsonl").read_text().splitlines()]
-    assert preds == [json.loads(line)["pred"] for line in (theirs / "predictions.jsonl").read_text().splitlines()]
+    assert preds == [
+        json.loads(line)["pred"] for line in (theirs / "predictions.jsonl").read_text().splitlines()
+    ]

@@ -24,13 +24,27 @@ CASES = {
 
 def losses(model_dir, data, case, batch_size, accum):
     recipe_file, extra = CASES[case]
-    recipe = load_recipe(RECIPES / recipe_file, [
-        f"model.name_or_path={model_dir}", f"data.source={data}", "train.dropout=false", "train.max_steps=5",
-        "train.eval_every=1000", f"train.batch_size={batch_size}", f"train.grad_accum_steps={accum}",
-        "optim.lr=1e-2", "schedule.warmup_ratio=null", *extra])
+    recipe = load_recipe(
+        RECIPES / recipe_file,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.source={data}",
+            "train.dropout=false",
+            "train.max_steps=5",
+            "train.eval_every=1000",
+            f"train.batch_size={batch_size}",
+            f"train.grad_accum_steps={accum}",
+            "optim.lr=1e-2",
+            "schedule.warmup_ratio=null",
+            *extra,
+        ],
+    )
     records, state = train(get_backend("torch"), prepare(recipe, get_backend("torch")))
-    return np.array([r["loss"] for r in records]), np.array([r["grad_norm"] for r in records]), \
-        [r["tokens"] for r in records]
+    return (
+        np.array([r["loss"] for r in records]),
+        np.array([r["grad_norm"] for r in records]),
+        [r["tokens"] for r in records],
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -38,11 +38,19 @@ def test_method_trains_exactly_its_parameters(backend, models, fin_data, kind, m
 
 
 def test_decoder_without_pad_token_needs_pad_token_as_eos(tiny_llama, fin_data, tmp_path):
-    proc = dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_llama}",
-                        f"data.source={fin_data}", "--output-dir", str(tmp_path / "run"), check=False)
+    proc = dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        f"model.name_or_path={tiny_llama}",
+        f"data.source={fin_data}",
+        "--output-dir",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"dualtune: error: tokenizer of {tiny_llama} has no pad token; set model.pad_token_as_eos=true (decoder LLMs)")
+        f"dualtune: error: tokenizer of {tiny_llama} has no pad token; set model.pad_token_as_eos=true (decoder LLMs)"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -55,22 +63,42 @@ def test_decoder_pads_with_eos(backend, tiny_llama, fin_data):
 
 def test_targets_that_name_nothing_are_one_line(tiny_llama, fin_data, tmp_path):
     # minilm_demo.yaml targets BERT's [query, value]; Llama has q_proj / v_proj
-    proc = dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_llama}",
-                        f"data.source={fin_data}", "model.pad_token_as_eos=true", "--output-dir",
-                        str(tmp_path / "run"), check=False)
+    proc = dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        f"model.name_or_path={tiny_llama}",
+        f"data.source={fin_data}",
+        "model.pad_token_as_eos=true",
+        "--output-dir",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "dualtune: error: peft.lora: No modules were targeted for adaptation"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "dualtune: error: peft.lora: No modules were targeted for adaptation"
+    )
 
 
 # ---------------------------------------------------------------- class-weighted loss
 
+
 def test_balanced_weights_follow_the_training_split(backend, tiny_bert, fin_data):
-    recipe = load_recipe(RECIPES / "minilm_demo.yaml", [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
-                                                        "data.max_rows=null", "loss.class_weights=balanced"])
+    recipe = load_recipe(
+        RECIPES / "minilm_demo.yaml",
+        [
+            f"model.name_or_path={tiny_bert}",
+            f"data.source={fin_data}",
+            "data.max_rows=null",
+            "loss.class_weights=balanced",
+        ],
+    )
     labels = [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
     weights = trainer.class_weights(recipe, labels, ["negative", "neutral", "positive"])
     np.testing.assert_allclose(weights, [12 / (3 * 4), 12 / (3 * 2), 12 / (3 * 6)])
-    with pytest.raises(DataError, match="^loss.class_weights=balanced: label 'neutral' has no training rows$"):
+    with pytest.raises(
+        DataError, match="^loss.class_weights=balanced: label 'neutral' has no training rows$"
+    ):
         trainer.class_weights(recipe, [0, 2, 2], ["negative", "neutral", "positive"])
 
 
@@ -87,7 +115,9 @@ def test_weighted_loss_equals_hand_computation(backend, tiny_bert, fin_data):
     weights = [0.5, 2.0, 1.25]
     recipe, overrides = method_overrides("bert", "prompt", tiny_bert, fin_data)
     prep = prepare(backend, "minilm_demo.yaml", [*overrides, f"loss.class_weights={weights}"])
-    np_batch = next(datamap.batches(prep.train_set, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification"))
+    np_batch = next(
+        datamap.batches(prep.train_set, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification")
+    )
     backend.set_training(prep.model, False)
     loss, logits = backend.eval_batch(prep.model, backend.to_tensors(np_batch))
     assert len(set(np_batch["labels"].tolist())) > 1  # the weights matter
@@ -101,13 +131,29 @@ def test_weighted_loss_equals_hand_computation(backend, tiny_bert, fin_data):
 
 # ---------------------------------------------------------------- best checkpoint
 
+
 def test_best_checkpoint_is_kept(tiny_bert, fin_data, tmp_path):
     """A learning rate too high to settle: the last step is not the best; the kept adapter is."""
     out = tmp_path / "run"
-    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}",
-                 f"data.source={fin_data}", "data.max_rows=null", "peft.method=none", "optim.lr=0.05",
-                 "train.epochs=1", "train.eval_every=2", "train.best_metric=eval_loss", "--output-dir", str(out))
-    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"split": "eval"' in l]
+    dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "peft.method=none",
+        "optim.lr=0.05",
+        "train.epochs=1",
+        "train.eval_every=2",
+        "train.best_metric=eval_loss",
+        "--output-dir",
+        str(out),
+    )
+    evals = [
+        json.loads(item)
+        for item in (out / "metrics.jsonl").read_text().splitlines()
+        if '"split": "eval"' in item
+    ]
     losses = {r["step"]: r["eval_loss"] for r in evals}
     best_step = min(losses, key=losses.get)
     final = json.loads((out / "final_metrics.json").read_text())
@@ -122,9 +168,17 @@ def test_best_checkpoint_is_kept(tiny_bert, fin_data, tmp_path):
 
 def test_eval_of_a_weighted_run_reports_the_weighted_loss(tiny_bert, fin_data, tmp_path):
     out = tmp_path / "run"
-    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}",
-                 f"data.source={fin_data}", "data.max_rows=null", "train.max_steps=3", "loss.class_weights=balanced",
-                 "--output-dir", str(out))
+    dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=3",
+        "loss.class_weights=balanced",
+        "--output-dir",
+        str(out),
+    )
     final = json.loads((out / "final_metrics.json").read_text())
     dualtune_cli("eval", str(out), "--backend", "torch")
     again = json.loads((out / "eval" / "torch" / "metrics.json").read_text())

@@ -35,13 +35,25 @@ CASES = {
     "bert_p_tuning": ("minilm_demo.yaml", ["peft.method=p_tuning", "optim.lr=1e-3"]),
     "bert_full": ("minilm_demo.yaml", ["peft.method=none", "optim.lr=1e-4"]),
     "llama_lora": ("minilm_demo.yaml", ["peft.lora.target_modules=null", "model.pad_token_as_eos=true"]),
-    "llama_prompt": ("minilm_demo.yaml", ["peft.method=prompt", "model.pad_token_as_eos=true", "optim.lr=1e-2"]),
+    "llama_prompt": (
+        "minilm_demo.yaml",
+        ["peft.method=prompt", "model.pad_token_as_eos=true", "optim.lr=1e-2"],
+    ),
 }
 
 
 def _compare(out: Path, recipe: str, overrides: list[str], steps: int = 20, env=None) -> dict:
-    proc = dualtune_cli("compare", str(RECIPES / recipe), *overrides, "--out", str(out), "--steps", str(steps),
-                        env=env, check=False)
+    proc = dualtune_cli(
+        "compare",
+        str(RECIPES / recipe),
+        *overrides,
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        env=env,
+        check=False,
+    )
     report = json.loads((out / "report.json").read_text())
     assert (proc.returncode == 0) == report["passed"]
     return report
@@ -55,8 +67,13 @@ def compared(tmp_path_factory, tiny_t5, tiny_bert, tiny_llama, fin_data):
     results = {}
     for name, (recipe, extra) in CASES.items():
         model = models[name.split("_")[0]]
-        overrides = [f"model.name_or_path={model}", f"data.source={fin_data}", "data.max_rows=120",
-                     "train.epochs=10", *extra]  # >= 20 steps for every case
+        overrides = [
+            f"model.name_or_path={model}",
+            f"data.source={fin_data}",
+            "data.max_rows=120",
+            "train.epochs=10",
+            *extra,
+        ]  # >= 20 steps for every case
         results[name] = (root / name, _compare(root / name, recipe, overrides))
     return results
 
@@ -79,28 +96,44 @@ def test_compare_within_tolerances(compared, case):
 def test_t5_bucket_correction_is_what_makes_parity(tmp_path, tiny_t5, fin_data):
     """Without backends/mindspore/compat.py the tiny T5 already disagrees at initialisation."""
     env = {**os.environ, "DUALTUNE_MINDSPORE_COMPAT": "0"}
-    report = _compare(tmp_path / "nocompat", "t5_lora.yaml",
-                      [f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", "data.max_rows=120"],
-                      steps=1, env=env)
+    report = _compare(
+        tmp_path / "nocompat",
+        "t5_lora.yaml",
+        [f"model.name_or_path={tiny_t5}", f"data.source={fin_data}", "data.max_rows=120"],
+        steps=1,
+        env=env,
+    )
     assert not report["passed"]
     assert report["checks"]["init_logits_abs"]["value"] > 10 * TOLERANCES["init_logits_abs"]
 
 
 def _predictions(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines()]
+    return [json.loads(item) for item in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("case", ["t5_lora", "t5_prefix", "t5_p_tuning", "t5_ia3", "bert_lora", "bert_prefix",
-                                  "bert_p_tuning", "llama_lora", "llama_prompt"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "t5_lora",
+        "t5_prefix",
+        "t5_p_tuning",
+        "t5_ia3",
+        "bert_lora",
+        "bert_prefix",
+        "bert_p_tuning",
+        "llama_lora",
+        "llama_prompt",
+    ],
+)
 def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
     import torch
     import transformers
     from peft import PeftModel
 
     from dualtune.backend import get_backend
-    from dualtune.recipe import load_recipe
     from dualtune.evaluation import evaluate
     from dualtune.prepare import Prepared, prepare_data
+    from dualtune.recipe import load_recipe
 
     out, _ = compared[case]
     run = out / "mindspore"
@@ -111,7 +144,8 @@ def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
         base = transformers.AutoModelForSeq2SeqLM.from_pretrained(recipe.model.name_or_path)
     else:
         base = transformers.AutoModelForSequenceClassification.from_pretrained(
-            recipe.model.name_or_path, num_labels=len(names))
+            recipe.model.name_or_path, num_labels=len(names)
+        )
         base.config.pad_token_id = tokenizer.pad_token_id  # Llama: eos, as the recipe says
     model = PeftModel.from_pretrained(base, str(run / "adapter"))  # plain peft, nothing of dualtune
     assert isinstance(model.base_model, torch.nn.Module)
@@ -127,8 +161,9 @@ def test_mindspore_adapter_loads_in_plain_peft_on_torch(compared, case):
         assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["t5_lora", "t5_bitfit", "t5_prompt", "bert_prefix", "bert_bitfit", "bert_full",
-                                  "llama_lora"])
+@pytest.mark.parametrize(
+    "case", ["t5_lora", "t5_bitfit", "t5_prompt", "bert_prefix", "bert_bitfit", "bert_full", "llama_lora"]
+)
 def test_torch_adapter_evaluates_the_same_on_mindspore(compared, case):
     out, _ = compared[case]
     dualtune_cli("eval", str(out / "torch"), "--backend", "mindspore")

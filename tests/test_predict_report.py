@@ -28,7 +28,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def eval_texts(run: Path) -> list[str]:
     """The run's eval rows, in the order of its predictions.jsonl."""
     recipe = load_recipe(run / "recipe.yaml")
-    _, eval_rows = datamap.split_rows(datamap.load_rows(recipe.data), recipe.data.train_split, recipe.data.seed)
+    _, eval_rows = datamap.split_rows(
+        datamap.load_rows(recipe.data), recipe.data.train_split, recipe.data.seed
+    )
     return eval_rows.texts
 
 
@@ -38,11 +40,31 @@ def runs(tiny_bert, tiny_t5, fin_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")
     out = {"bert": root / "bert_lora", "t5": root / "t5_lora"}
     common = ["--backend", "torch", f"data.source={fin_data}", "--no-progress"]
-    procs = run_cli_parallel({
-        "bert": ["run", str(RECIPES / "minilm_demo.yaml"), f"model.name_or_path={tiny_bert}", "data.max_rows=null",
-                 "train.max_steps=2", "train.epochs=1", "--output-dir", str(out["bert"]), *common],
-        "t5": ["run", str(RECIPES / "t5_lora.yaml"), f"model.name_or_path={tiny_t5}", "optim.lr=1e-2",
-               "train.epochs=3", "--output-dir", str(out["t5"]), *common]})
+    procs = run_cli_parallel(
+        {
+            "bert": [
+                "run",
+                str(RECIPES / "minilm_demo.yaml"),
+                f"model.name_or_path={tiny_bert}",
+                "data.max_rows=null",
+                "train.max_steps=2",
+                "train.epochs=1",
+                "--output-dir",
+                str(out["bert"]),
+                *common,
+            ],
+            "t5": [
+                "run",
+                str(RECIPES / "t5_lora.yaml"),
+                f"model.name_or_path={tiny_t5}",
+                "optim.lr=1e-2",
+                "train.epochs=3",
+                "--output-dir",
+                str(out["t5"]),
+                *common,
+            ],
+        }
+    )
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
     return out
@@ -50,15 +72,22 @@ def runs(tiny_bert, tiny_t5, fin_data, tmp_path_factory) -> dict[str, Path]:
 
 # ---------------------------------------------------------------- predict
 
+
 @pytest.mark.slow
 def test_predict_reproduces_the_runs_predictions(runs, tmp_path):
     bert, t5 = runs["bert"], runs["t5"]
     texts = {name: eval_texts(run) for name, run in runs.items()}
     # classification from a file (with a blank line to skip), seq2seq from arguments
     listing = tmp_path / "texts.txt"
-    listing.write_text("\n".join(texts["bert"][:5]) + "\n\n" + "\n".join(texts["bert"][5:]) + "\n", encoding="utf-8")
-    procs = run_cli_parallel({"bert": ["predict", str(bert), "--file", str(listing), "--backend", "torch"],
-                              "t5": ["predict", str(t5), *texts["t5"], "--backend", "torch"]})
+    listing.write_text(
+        "\n".join(texts["bert"][:5]) + "\n\n" + "\n".join(texts["bert"][5:]) + "\n", encoding="utf-8"
+    )
+    procs = run_cli_parallel(
+        {
+            "bert": ["predict", str(bert), "--file", str(listing), "--backend", "torch"],
+            "t5": ["predict", str(t5), *texts["t5"], "--backend", "torch"],
+        }
+    )
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
     got = {name: [json.loads(line) for line in proc.stdout.splitlines()] for name, proc in procs.items()}
@@ -106,10 +135,21 @@ def test_predict_errors(tmp_path):
     latin.write_bytes("Sales in Espoo rose \xa3 5 .\n".encode("latin-1"))
     cases = {
         (str(run),): "dualtune: error: no text to predict: give TEXT arguments or --file PATH",
-        (str(run), "--file", str(blank)): "dualtune: error: no text to predict: give TEXT arguments or --file PATH",
-        (str(run), "--file", str(tmp_path / "nope.txt")): f"dualtune: error: {tmp_path / 'nope.txt'}: no such file",
+        (
+            str(run),
+            "--file",
+            str(blank),
+        ): "dualtune: error: no text to predict: give TEXT arguments or --file PATH",
+        (
+            str(run),
+            "--file",
+            str(tmp_path / "nope.txt"),
+        ): f"dualtune: error: {tmp_path / 'nope.txt'}: no such file",
         (str(run), "--file", str(latin)): f"dualtune: error: {latin}: not UTF-8 text (byte 20)",
-        (str(tmp_path / "missing"), "text"): f"dualtune: error: {tmp_path / 'missing'}: not a run directory (no recipe.yaml)",
+        (
+            str(tmp_path / "missing"),
+            "text",
+        ): f"dualtune: error: {tmp_path / 'missing'}: not a run directory (no recipe.yaml)",
         (str(half), "text"): f"dualtune: error: {half}: not a finished run (no final_metrics.json)",
         (str(run), "text", "--batch-size", "0"): "dualtune: error: --batch-size 0: expected 1 or more",
     }
@@ -119,6 +159,7 @@ def test_predict_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- report
+
 
 def fake_run(path: Path, final: dict, trainable: dict, recipe: dict) -> Path:
     path.mkdir(parents=True)
@@ -131,17 +172,39 @@ def fake_run(path: Path, final: dict, trainable: dict, recipe: dict) -> Path:
 @pytest.fixture
 def fake_runs(tmp_path) -> list[Path]:
     t5 = {"model": {"name_or_path": "t5-small", "task": "seq2seq"}, "peft": {"method": "lora"}}
-    lora = fake_run(tmp_path / "t5_lora-torch", {
-        "backend": "torch", "steps": 1415, "train_seconds": 612.3, "trainable_parameters": 294912,
-        "total_parameters": 60801536, "peak_rss_mb": 1834.4, "eval_loss": 0.08, "teacher_forced_accuracy": 0.91,
-        "exact_match": 0.875, "f1_macro": 0.8125, "majority_class_accuracy": 0.61},
-        {"method": "lora", "total": 60801536, "trainable": 294912, "tensors": {}}, t5)
+    lora = fake_run(
+        tmp_path / "t5_lora-torch",
+        {
+            "backend": "torch",
+            "steps": 1415,
+            "train_seconds": 612.3,
+            "trainable_parameters": 294912,
+            "total_parameters": 60801536,
+            "peak_rss_mb": 1834.4,
+            "eval_loss": 0.08,
+            "teacher_forced_accuracy": 0.91,
+            "exact_match": 0.875,
+            "f1_macro": 0.8125,
+            "majority_class_accuracy": 0.61,
+        },
+        {"method": "lora", "total": 60801536, "trainable": 294912, "tensors": {}},
+        t5,
+    )
     # an older run: no peak memory, no F1; generation off, so no exact_match
-    prefix = fake_run(tmp_path / "t5_prefix-mindspore", {
-        "backend": "mindspore", "steps": 20, "train_seconds": 33.0, "trainable_parameters": 15360,
-        "total_parameters": 60522496, "eval_loss": 1.5, "teacher_forced_accuracy": 0.5},
+    prefix = fake_run(
+        tmp_path / "t5_prefix-mindspore",
+        {
+            "backend": "mindspore",
+            "steps": 20,
+            "train_seconds": 33.0,
+            "trainable_parameters": 15360,
+            "total_parameters": 60522496,
+            "eval_loss": 1.5,
+            "teacher_forced_accuracy": 0.5,
+        },
         {"method": "prefix", "total": 60522496, "trainable": 15360, "tensors": {}},
-        {**t5, "peft": {"method": "prefix"}})
+        {**t5, "peft": {"method": "prefix"}},
+    )
     return [lora, prefix]
 
 
@@ -153,12 +216,45 @@ def test_report_text(fake_runs):
     proc = report_cli(*fake_runs)
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
-    assert re.split(r"\s{2,}", header) == ["run", "backend", "method", "metric", "score", "f1 macro", "trainable",
-                                           "trainable %", "train s", "peak MB", "steps"]
-    assert rows[0].split() == ["t5_lora-torch", "torch", "lora", "exact_match", "0.8750", "0.8125", "294,912",
-                               "0.4850", "612.3", "1834", "1415"]
-    assert rows[1].split() == ["t5_prefix-mindspore", "mindspore", "prefix", "teacher_forced_accuracy", "0.5000",
-                               "-", "15,360", "0.0254", "33.0", "-", "20"]
+    assert re.split(r"\s{2,}", header) == [
+        "run",
+        "backend",
+        "method",
+        "metric",
+        "score",
+        "f1 macro",
+        "trainable",
+        "trainable %",
+        "train s",
+        "peak MB",
+        "steps",
+    ]
+    assert rows[0].split() == [
+        "t5_lora-torch",
+        "torch",
+        "lora",
+        "exact_match",
+        "0.8750",
+        "0.8125",
+        "294,912",
+        "0.4850",
+        "612.3",
+        "1834",
+        "1415",
+    ]
+    assert rows[1].split() == [
+        "t5_prefix-mindspore",
+        "mindspore",
+        "prefix",
+        "teacher_forced_accuracy",
+        "0.5000",
+        "-",
+        "15,360",
+        "0.0254",
+        "33.0",
+        "-",
+        "20",
+    ]
     assert len(rows) == 2 and len(header) == len(rows[0]) == len(rows[1])  # numbers right-aligned
     assert header.index("metric") == rows[0].index("exact_match") == rows[1].index("teacher_forced_accuracy")
 
@@ -170,8 +266,10 @@ def test_report_order_is_as_given(fake_runs):
 
 def test_report_markdown(fake_runs):
     lines = report_cli(*fake_runs, "--format", "markdown").stdout.splitlines()
-    assert lines[0] == ("| run | backend | method | metric | score | f1 macro | trainable | trainable % | train s "
-                        "| peak MB | steps |")
+    assert lines[0] == (
+        "| run | backend | method | metric | score | f1 macro | trainable | trainable % | train s "
+        "| peak MB | steps |"
+    )
     assert lines[1] == "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
     assert lines[2].startswith("| t5_lora-torch | torch | lora | exact_match | 0.8750 |") and len(lines) == 4
 
@@ -180,7 +278,12 @@ def test_report_csv(fake_runs):
     rows = list(csv.DictReader(io.StringIO(report_cli(*fake_runs, "--format", "csv").stdout)))
     assert [r["run"] for r in rows] == ["t5_lora-torch", "t5_prefix-mindspore"]
     lora, prefix = rows
-    assert (lora["backend"], lora["method"], lora["task"], lora["metric"]) == ("torch", "lora", "seq2seq", "exact_match")
+    assert (lora["backend"], lora["method"], lora["task"], lora["metric"]) == (
+        "torch",
+        "lora",
+        "seq2seq",
+        "exact_match",
+    )
     assert float(lora["score"]) == 0.875 and float(lora["f1_macro"]) == 0.8125
     assert int(lora["trainable_parameters"]) == 294912 and int(lora["total_parameters"]) == 60801536
     assert float(lora["trainable_percent"]) == pytest.approx(100 * 294912 / 60801536)
@@ -200,21 +303,32 @@ def test_report_errors(fake_runs, tmp_path):
         unfinished: f"{unfinished}: not a finished run (no final_metrics.json)",
         tmp_path / "nope": f"{tmp_path / 'nope'}: no such directory",
         broken: f"{broken / 'final_metrics.json'}: unreadable (Expecting property name enclosed in double "
-                f"quotes: line 1 column 2 (char 1))",
+        f"quotes: line 1 column 2 (char 1))",
     }
     for path, message in cases.items():
         proc = report_cli(fake_runs[0], path)
-        assert (proc.returncode, proc.stdout, proc.stderr.splitlines()) == (2, "", [f"dualtune: error: {message}"])
+        assert (proc.returncode, proc.stdout, proc.stderr.splitlines()) == (
+            2,
+            "",
+            [f"dualtune: error: {message}"],
+        )
     proc = report_cli(fake_runs[0], "--format", "html")
     assert proc.returncode == 2 and "invalid choice: 'html'" in proc.stderr
 
 
 def test_report_loads_no_framework(fake_runs):
-    code = ("import sys; from dualtune.cli import main; rc = main(['report', *sys.argv[1:]]); "
-            "bad = sorted({'torch', 'mindspore', 'transformers', 'sklearn', 'matplotlib'} & set(sys.modules)); "
-            "print(bad, file=sys.stderr); sys.exit(rc or (1 if bad else 0))")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, fake_runs)], capture_output=True, text=True,
-                          cwd=REPO, env=CLI_ENV)
+    code = (
+        "import sys; from dualtune.cli import main; rc = main(['report', *sys.argv[1:]]); "
+        "bad = sorted({'torch', 'mindspore', 'transformers', 'sklearn', 'matplotlib'} & set(sys.modules)); "
+        "print(bad, file=sys.stderr); sys.exit(rc or (1 if bad else 0))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, fake_runs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=CLI_ENV,
+    )
     assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr
 
 
@@ -223,10 +337,17 @@ def test_report_on_a_real_run(runs, fake_runs):
     bert = runs["bert"]
     final = json.loads((bert / "final_metrics.json").read_text())
     trainable = json.loads((bert / "trainable.json").read_text())
-    rows = list(csv.DictReader(io.StringIO(report_cli(bert, runs["t5"], fake_runs[0], "--format", "csv").stdout)))
+    rows = list(
+        csv.DictReader(io.StringIO(report_cli(bert, runs["t5"], fake_runs[0], "--format", "csv").stdout))
+    )
     assert [r["run"] for r in rows] == ["bert_lora", "t5_lora", "t5_lora-torch"]
     row = rows[0]
-    assert (row["backend"], row["method"], row["task"], row["metric"]) == ("torch", "lora", "classification", "accuracy")
+    assert (row["backend"], row["method"], row["task"], row["metric"]) == (
+        "torch",
+        "lora",
+        "classification",
+        "accuracy",
+    )
     assert float(row["score"]) == final["accuracy"] and float(row["f1_macro"]) == final["f1_macro"]
     assert int(row["trainable_parameters"]) == trainable["trainable"] == final["trainable_parameters"]
     assert float(row["trainable_percent"]) == pytest.approx(100 * trainable["trainable"] / trainable["total"])

@@ -26,42 +26,73 @@ def error_of(overrides: list[str], raw: dict | None = None) -> str:
 
 # ---------------------------------------------------------------- validation messages
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.lrr=1e-3"], "optim.lrr: unknown key"),
-    (["train.nope=1"], "train.nope: unknown key"),
-    (["colour=red"], "colour: unknown key"),
-    (["train.epochs=abc"],
-     "train.epochs: got 'abc' (str), expected a valid integer, unable to parse string as an integer"),
-    (["optim.lr=abc"], "optim.lr: got 'abc' (str), expected a valid number, unable to parse string as a number"),
-    (["optim.lr=-1"], "optim.lr: got -1 (int), expected greater than 0"),
-    (["optim.lr=.inf"], "optim.lr: got inf (float), expected a finite number"),
-    (["model.task=translation"], "model.task: got 'translation' (str), expected 'seq2seq' or 'classification'"),
-    (["optim.betas=[0.9, x]"],
-     "optim.betas.1: got 'x' (str), expected a valid number, unable to parse string as a number"),
-    # a union: the path is the user's key, and both alternatives are named
-    (["train.eval_every=often"], "train.eval_every: got 'often' (str), expected 'epoch' or a valid integer, "
-                                 "unable to parse string as an integer"),
-    (["train.eval_every=0"], "train.eval_every: got 0 (int), expected 'epoch' or greater than or equal to 1"),
-    (["schedule.warmup_steps=2", "schedule.warmup_ratio=0.1"], "schedule: give warmup_steps or warmup_ratio, not both"),
-    (["model.task=classification", "data.label_names=null"],
-     "classification needs model.num_labels or data.label_names"),
-    (["model.num_labels=2"], "data.label_names has 3 names but model.num_labels is 2"),
-    # malformed overrides
-    (["justtext"], "override 'justtext': expected key=value, e.g. optim.lr=3e-4"),
-    (["=3"], "override '=3': expected key=value, e.g. optim.lr=3e-4"),
-    (["optim..lr=3"], "override 'optim..lr=3': expected key=value, e.g. optim.lr=3e-4"),
-    (["optim.lr.value=3"], "override 'optim.lr.value=3': lr is not a section"),
-    (["optim.betas=[0.9"], "override 'optim.betas=[0.9': value is not valid YAML (while parsing a flow sequence)"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1e-3"], "optim.lrr: unknown key"),
+        (["train.nope=1"], "train.nope: unknown key"),
+        (["colour=red"], "colour: unknown key"),
+        (
+            ["train.epochs=abc"],
+            "train.epochs: got 'abc' (str), expected a valid integer, unable to parse string as an integer",
+        ),
+        (
+            ["optim.lr=abc"],
+            "optim.lr: got 'abc' (str), expected a valid number, unable to parse string as a number",
+        ),
+        (["optim.lr=-1"], "optim.lr: got -1 (int), expected greater than 0"),
+        (["optim.lr=.inf"], "optim.lr: got inf (float), expected a finite number"),
+        (
+            ["model.task=translation"],
+            "model.task: got 'translation' (str), expected 'seq2seq' or 'classification'",
+        ),
+        (
+            ["optim.betas=[0.9, x]"],
+            "optim.betas.1: got 'x' (str), expected a valid number, unable to parse string as a number",
+        ),
+        # a union: the path is the user's key, and both alternatives are named
+        (
+            ["train.eval_every=often"],
+            "train.eval_every: got 'often' (str), expected 'epoch' or a valid integer, "
+            "unable to parse string as an integer",
+        ),
+        (
+            ["train.eval_every=0"],
+            "train.eval_every: got 0 (int), expected 'epoch' or greater than or equal to 1",
+        ),
+        (
+            ["schedule.warmup_steps=2", "schedule.warmup_ratio=0.1"],
+            "schedule: give warmup_steps or warmup_ratio, not both",
+        ),
+        (
+            ["model.task=classification", "data.label_names=null"],
+            "classification needs model.num_labels or data.label_names",
+        ),
+        (["model.num_labels=2"], "data.label_names has 3 names but model.num_labels is 2"),
+        # malformed overrides
+        (["justtext"], "override 'justtext': expected key=value, e.g. optim.lr=3e-4"),
+        (["=3"], "override '=3': expected key=value, e.g. optim.lr=3e-4"),
+        (["optim..lr=3"], "override 'optim..lr=3': expected key=value, e.g. optim.lr=3e-4"),
+        (["optim.lr.value=3"], "override 'optim.lr.value=3': lr is not a section"),
+        (
+            ["optim.betas=[0.9"],
+            "override 'optim.betas=[0.9': value is not valid YAML (while parsing a flow sequence)",
+        ),
+    ],
+)
 def test_bad_recipe_or_override_gives_one_exact_line(overrides, message):
     assert error_of(overrides) == message
 
 
-@pytest.mark.parametrize("section, key, message", [
-    ("model", "task", "model.task: required key is missing"),
-    ("optim", "lr", "optim.lr: required key is missing"),
-    (None, "peft", "peft: required key is missing"),
-])
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ("model", "task", "model.task: required key is missing"),
+        ("optim", "lr", "optim.lr: required key is missing"),
+        (None, "peft", "peft: required key is missing"),
+    ],
+)
 def test_missing_required_key(section, key, message):
     raw = raw_recipe()
     del (raw[section] if section else raw)[key]
@@ -91,12 +122,16 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 
 # ---------------------------------------------------------------- overrides
 
-@pytest.mark.parametrize("text, value", [
-    ("optim.lr=3e-4", 0.0003),
-    ("optim.lr=1E-2", 0.01),
-    ("optim.lr=5.0e-5", 5e-05),
-    ("optim.lr=.5", 0.5),
-])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("optim.lr=3e-4", 0.0003),
+        ("optim.lr=1E-2", 0.01),
+        ("optim.lr=5.0e-5", 5e-05),
+        ("optim.lr=.5", 0.5),
+    ],
+)
 def test_scientific_notation_override_is_a_float(text, value):
     path, parsed = parse_override(text)
     assert path == ["optim", "lr"]
@@ -108,9 +143,18 @@ def test_scientific_notation_override_is_a_float(text, value):
 def test_overrides_set_nested_keys_by_yaml_type():
     raw = raw_recipe()
     before = copy.deepcopy(raw)
-    r = recipe_from_dict(raw, ["peft.lora.r=4", "peft.lora.target_modules=[q, k, v]", "train.eval_every=5",
-                               "optim.grad_clip=1", "data.label_names=[bad, meh, good]", "train.generate=false",
-                               "data.source=/data/my.file.jsonl"])
+    r = recipe_from_dict(
+        raw,
+        [
+            "peft.lora.r=4",
+            "peft.lora.target_modules=[q, k, v]",
+            "train.eval_every=5",
+            "optim.grad_clip=1",
+            "data.label_names=[bad, meh, good]",
+            "train.generate=false",
+            "data.source=/data/my.file.jsonl",
+        ],
+    )
     assert raw == before  # the caller's mapping is left alone
     assert r.peft.lora.r == 4 and r.peft.lora.target_modules == ["q", "k", "v"]
     assert r.train.eval_every == 5 and r.optim.grad_clip == 1.0 and r.train.generate is False
@@ -164,14 +208,25 @@ def test_t5_bitfit_recipe_adds_biases_to_all_projections():
 
 # ---------------------------------------------------------------- the CLI's answer to a bad override
 
-@pytest.mark.parametrize("args, line", [
-    (["run", str(LORA), "optim.lr=abc"],
-     "dualtune: error: optim.lr: got 'abc' (str), expected a valid number, unable to parse string as a number"),
-    (["run", str(LORA), "--backend", "torch", "train.nope=1"], "dualtune: error: train.nope: unknown key"),
-    (["run", str(LORA), "--backend", "torch", "justtext"],
-     "dualtune: error: override 'justtext': expected key=value, e.g. optim.lr=3e-4"),
-    (["run", "recipes/nope.yaml"], "dualtune: error: recipe recipes/nope.yaml: no such file"),
-])
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["run", str(LORA), "optim.lr=abc"],
+            "dualtune: error: optim.lr: got 'abc' (str), expected a valid number, unable to parse string as a number",
+        ),
+        (
+            ["run", str(LORA), "--backend", "torch", "train.nope=1"],
+            "dualtune: error: train.nope: unknown key",
+        ),
+        (
+            ["run", str(LORA), "--backend", "torch", "justtext"],
+            "dualtune: error: override 'justtext': expected key=value, e.g. optim.lr=3e-4",
+        ),
+        (["run", "recipes/nope.yaml"], "dualtune: error: recipe recipes/nope.yaml: no such file"),
+    ],
+)
 def test_cli_bad_override_exits_2_with_one_line(args, line):
     proc = dualtune_cli(*args, check=False)
     assert proc.returncode == 2

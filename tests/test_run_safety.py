@@ -28,7 +28,11 @@ pytestmark = pytest.mark.slow
 
 RECIPE = str(RECIPES / "minilm_demo.yaml")
 STEPS = 60  # 160 training rows, batch 16: 10 steps an epoch, 6 epochs (about 25 ms a step here)
-IGNORED = {"train_seconds", "peak_rss_mb", "resumed"}  # what may differ between a resumed run and the reference
+IGNORED = {
+    "train_seconds",
+    "peak_rss_mb",
+    "resumed",
+}  # what may differ between a resumed run and the reference
 SAME_FILES = ("predictions.jsonl", "metrics.jsonl", "adapter/adapter_model.safetensors")
 ONE_LINE_TIMEOUT = 60  # a refusal before any framework loads takes a few seconds even on a busy machine
 
@@ -36,8 +40,14 @@ ONE_LINE_TIMEOUT = 60  # a refusal before any framework loads takes a few second
 def overrides(tiny_bert: str, fin_data: str) -> list[str]:
     # dropout on (LoRA dropout 0.1 and BERT's own), as by default; checkpoints every 3 steps (the
     # newest 2 kept), evaluations inside the loop, epochs to cross
-    return [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-            "train.epochs=6", "train.save_every=3", "train.eval_every=10"]
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.epochs=6",
+        "train.save_every=3",
+        "train.eval_every=10",
+    ]
 
 
 class Cli:
@@ -52,14 +62,31 @@ class Cli:
         self.n += 1
         err = open(self.logs / f"{self.n}.stderr", "w+")
         preexec = (lambda: os.umask(umask)) if umask is not None else None
-        proc = subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                env=CLI_ENV, cwd=REPO, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            cli_command(*args),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            env=CLI_ENV,
+            cwd=REPO,
+            preexec_fn=preexec,
+        )
         proc.err_file = err
         return proc
 
     def run(self, out: Path, *extra: str, umask: int | None = None) -> subprocess.Popen:
-        return self.start("run", RECIPE, "--backend", "torch", "--output-dir", str(out), "--no-progress",
-                          *self.base, *extra, umask=umask)
+        return self.start(
+            "run",
+            RECIPE,
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *self.base,
+            *extra,
+            umask=umask,
+        )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -73,8 +100,9 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.Completed
 def quick(*args: str) -> subprocess.CompletedProcess:
     """A command expected to refuse at once: exit 2 and one line, before any framework loads."""
     started = time.perf_counter()
-    proc = subprocess.run(cli_command(*args), capture_output=True, text=True, env=CLI_ENV, cwd=REPO,
-                          timeout=ONE_LINE_TIMEOUT)
+    proc = subprocess.run(
+        cli_command(*args), capture_output=True, text=True, env=CLI_ENV, cwd=REPO, timeout=ONE_LINE_TIMEOUT
+    )
     proc.seconds = time.perf_counter() - started
     return proc
 
@@ -101,8 +129,9 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
     deadline = time.monotonic() + timeout
     while max(steps_logged(metrics), default=0) < step:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}:\n"
-                                 f"{finish(proc).stderr[-3000:]}")
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before step {step}:\n{finish(proc).stderr[-3000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"no step {step} in {metrics} after {timeout} s")
         time.sleep(0.01)
@@ -128,14 +157,17 @@ def assert_same_run(run: Path, ref: Path) -> None:
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
     final, expected = read_json(run / "final_metrics.json"), read_json(ref / "final_metrics.json")
     assert final["resumed"] is True and expected["resumed"] is False
-    assert {k: v for k, v in final.items() if k not in IGNORED} == \
-           {k: v for k, v in expected.items() if k not in IGNORED}
+    assert {k: v for k, v in final.items() if k not in IGNORED} == {
+        k: v for k, v in expected.items() if k not in IGNORED
+    }
     assert read_json(run / ".dualtune-run")["status"] == "finished"
-    assert not [p.name for p in run.parent.iterdir() if p.name.startswith((f"{run.name}.", f".{run.name}."))], \
-        sorted(p.name for p in run.parent.iterdir())  # no .failed, .partial-*, .lock left
+    assert not [
+        p.name for p in run.parent.iterdir() if p.name.startswith((f"{run.name}.", f".{run.name}."))
+    ], sorted(p.name for p in run.parent.iterdir())  # no .failed, .partial-*, .lock left
 
 
 # ---------------------------------------------------------------- the runs
+
 
 @pytest.fixture(scope="module")
 def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
@@ -149,27 +181,39 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
     ref = runs / "ref"
     procs = {"ref": cli.run(ref)}
     victims = {  # name -> (signal, after which logged step), in step order: they run side by side
-        "kill_a": (signal.SIGKILL, 5), "term": (signal.SIGTERM, 12),
-        "kill_b": (signal.SIGKILL, 27), "int": (signal.SIGINT, 33)}
+        "kill_a": (signal.SIGKILL, 5),
+        "term": (signal.SIGTERM, 12),
+        "kill_b": (signal.SIGKILL, 27),
+        "int": (signal.SIGINT, 33),
+    }
     for name in victims:
         procs[name] = cli.run(runs / name)
     # lr 0.5 with an evaluation every step: eval_loss falls for a few steps, then rises (measured)
-    procs["early"] = cli.run(runs / "early", "train.max_steps=12", "train.eval_every=1", "optim.lr=0.5",
-                             "train.best_metric=eval_loss", "train.early_stopping_patience=1",
-                             "train.save_every=null")
+    procs["early"] = cli.run(
+        runs / "early",
+        "train.max_steps=12",
+        "train.eval_every=1",
+        "optim.lr=0.5",
+        "train.best_metric=eval_loss",
+        "train.early_stopping_patience=1",
+        "train.save_every=null",
+    )
     for name, (sig, step) in victims.items():
         wait_for_step(procs[name], runs / name, step)
         os.kill(procs[name].pid, sig)
         w[f"{name}_pid"] = procs[name].pid
     w["round1"] = {name: finish(proc) for name, proc in procs.items()}
-    w["leftovers"] = {name: sorted(p.name for p in runs.iterdir() if p.name.startswith(f"{name}."))
-                      for name in victims}
+    w["leftovers"] = {
+        name: sorted(p.name for p in runs.iterdir() if p.name.startswith(f"{name}.")) for name in victims
+    }
 
     # Round 2: quick refusals on what they left, and a checkpoint cut mid-write.
-    w["new_next_to_partial"] = quick("run", RECIPE, "--backend", "torch", "--output-dir", str(runs / "kill_a"),
-                                     *cli.base)
-    w["new_next_to_failed"] = quick("run", RECIPE, "--backend", "torch", "--output-dir", str(runs / "term"),
-                                    *cli.base)
+    w["new_next_to_partial"] = quick(
+        "run", RECIPE, "--backend", "torch", "--output-dir", str(runs / "kill_a"), *cli.base
+    )
+    w["new_next_to_failed"] = quick(
+        "run", RECIPE, "--backend", "torch", "--output-dir", str(runs / "term"), *cli.base
+    )
     failed = runs / "term.failed"
     w["eval_failed"] = quick("eval", str(failed))
     w["predict_failed"] = quick("predict", str(failed), "Sales rose .")
@@ -183,7 +227,7 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
     # what kill -9 leaves inside save_checkpoint: the aside folder, half written ...
     cut = ckpts / f".tmp-step-{last + 3:07d}-{w['kill_a_pid']}"
     cut.mkdir()
-    (cut / "trainable.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (cut / "trainable.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     # ... and a newer step folder without its state.json (renamed before the state landed)
     cut2 = ckpts / f"step-{last + 6:07d}"
     cut2.mkdir()
@@ -197,12 +241,25 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
     shutil.copytree(tiny_bert, other_model)
     w["eval_ckpt"] = sorted((w["term_failed_copy"] / "checkpoints").glob("step-*"))[-1]
     w["refused"] = {}
-    for name, change in {"batch": "train.batch_size=8", "model": f"model.name_or_path={other_model}",
-                         "method": "peft.method=ia3"}.items():
+    for name, change in {
+        "batch": "train.batch_size=8",
+        "model": f"model.name_or_path={other_model}",
+        "method": "peft.method=ia3",
+    }.items():
         run = root / name / "run"
         before = tree(run)
-        w["refused"][name] = quick("run", RECIPE, "--backend", "torch", "--output-dir", str(run), "--no-progress",
-                                   *cli.base, change, "--resume")
+        w["refused"][name] = quick(
+            "run",
+            RECIPE,
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(run),
+            "--no-progress",
+            *cli.base,
+            change,
+            "--resume",
+        )
         w["refused"][name].untouched = tree(run) == before
 
     # Round 3: the resumes, the extensions, the refused resumes, eval --checkpoint, --overwrite.
@@ -211,7 +268,9 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
         "kill_b": cli.run(runs / "kill_b", "--resume", str(runs / f"kill_b.partial-{w['kill_b_pid']}")),
         "term": cli.run(runs / "term", "--resume"),
         "int": cli.run(runs / "int", "--resume", str(runs / "int.failed")),
-        "extend_steps": cli.run(root / "extend_steps" / "run", "train.epochs=7", "train.max_steps=65", "--resume"),
+        "extend_steps": cli.run(
+            root / "extend_steps" / "run", "train.epochs=7", "train.max_steps=65", "--resume"
+        ),
         "extend_epochs": cli.run(root / "extend_epochs" / "run", "train.epochs=7", "--resume"),
         "eval_ckpt": cli.start("eval", str(w["term_failed_copy"]), "--checkpoint", str(w["eval_ckpt"])),
     }
@@ -220,8 +279,9 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
     # long enough (200 steps) for a second run to try the same directory meanwhile
     procs["overwrite"] = cli.run(over, "train.epochs=20", "--overwrite", umask=0o022)
     wait_for_step(procs["overwrite"], over, 1)
-    w["concurrent"] = quick("run", RECIPE, "--backend", "torch", "--output-dir", str(over), "--overwrite",
-                            *cli.base)
+    w["concurrent"] = quick(
+        "run", RECIPE, "--backend", "torch", "--output-dir", str(over), "--overwrite", *cli.base
+    )
     w["concurrent_while_running"] = procs["overwrite"].poll() is None
     w["overwrite_pid"] = procs["overwrite"].pid
     w["round3"] = {name: finish(proc) for name, proc in procs.items()}
@@ -230,6 +290,7 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
 
 
 # ---------------------------------------------------------------- 1. interrupted runs resume exactly
+
 
 def test_reference_run(world):
     assert world["round1"]["ref"].returncode == 0, world["round1"]["ref"].stderr[-3000:]
@@ -291,8 +352,10 @@ def test_interrupted_run_is_marked_with_its_step(world):
 
 # ---------------------------------------------------------------- 2. recipe changes on resume
 
-@pytest.mark.parametrize("name,key", [("batch", "train.batch_size"), ("model", "model.name_or_path"),
-                                      ("method", "peft.method")])
+
+@pytest.mark.parametrize(
+    "name,key", [("batch", "train.batch_size"), ("model", "model.name_or_path"), ("method", "peft.method")]
+)
 def test_resume_with_a_changed_recipe_is_refused(world, name, key):
     proc = world["refused"][name]
     line = one_error_line(proc)  # before any framework loads
@@ -313,13 +376,16 @@ def test_more_steps_or_epochs_extend_a_finished_run(world, name):
     assert final["steps"] == steps and final["resumed"] is True and final["stopped_early"] is False
     assert steps_logged(run / "metrics.jsonl") == list(range(1, steps + 1))
     ref_lines = (world["ref"] / "metrics.jsonl").read_text().splitlines()
-    assert (run / "metrics.jsonl").read_text().splitlines()[:len(ref_lines)] == ref_lines  # the first 60 kept
+    assert (run / "metrics.jsonl").read_text().splitlines()[
+        : len(ref_lines)
+    ] == ref_lines  # the first 60 kept
     assert f": step {STEPS} of " in proc.stderr  # resumed from the last checkpoint, not from scratch
     assert read_json(run / ".dualtune-run")["status"] == "finished"
     assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
 
 
 # ---------------------------------------------------------------- 3. output safety
+
 
 def test_a_folder_with_foreign_files_is_never_touched(world, tiny_bert, fin_data, tmp_path):
     cases = {}
@@ -337,36 +403,67 @@ def test_a_folder_with_foreign_files_is_never_touched(world, tiny_bert, fin_data
     for name, path in cases.items():
         before = tree(path)
         source = data_dir / "fin.jsonl" if name == "data" else fin_data
-        proc = quick("run", RECIPE, "--backend", "torch", "--output-dir", str(path),
-                     f"model.name_or_path={tiny_bert}", f"data.source={source}", "data.max_rows=null",
-                     "train.max_steps=2", "--overwrite")  # --overwrite replaces only dualtune's own runs
+        proc = quick(
+            "run",
+            RECIPE,
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(path),
+            f"model.name_or_path={tiny_bert}",
+            f"data.source={source}",
+            "data.max_rows=null",
+            "train.max_steps=2",
+            "--overwrite",
+        )  # --overwrite replaces only dualtune's own runs
         line = one_error_line(proc)
-        assert line == (f"dualtune: error: {path}: exists and holds files dualtune did not write, which it "
-                        f"never touches; choose a free --output-dir, e.g. {path}-2"), name
+        assert line == (
+            f"dualtune: error: {path}: exists and holds files dualtune did not write, which it "
+            f"never touches; choose a free --output-dir, e.g. {path}-2"
+        ), name
         assert proc.seconds < ONE_LINE_TIMEOUT
         assert tree(path) == before, name
-        assert not [p for p in path.parent.iterdir() if ".partial-" in p.name or p.name.endswith(".failed")
-                    or p.name.endswith(".lock")], name
+        assert not [
+            p
+            for p in path.parent.iterdir()
+            if ".partial-" in p.name or p.name.endswith(".failed") or p.name.endswith(".lock")
+        ], name
 
 
 def test_a_file_at_the_path_is_refused(world, tmp_path):
     target = tmp_path / "out"
     target.write_text("not a folder\n")
-    line = one_error_line(quick("run", RECIPE, "--backend", "torch", "--output-dir", str(target),
-                                *world["cli"].base, "--overwrite"))
+    line = one_error_line(
+        quick(
+            "run",
+            RECIPE,
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(target),
+            *world["cli"].base,
+            "--overwrite",
+        )
+    )
     assert line.startswith(f"dualtune: error: {target}: a file is in the way of the run directory")
     assert target.read_text() == "not a folder\n"
 
 
 def test_a_finished_run_is_replaced_only_with_overwrite(world):
-    line = one_error_line(quick("run", RECIPE, "--backend", "torch", "--output-dir", str(world["ref"]),
-                                *world["cli"].base))
-    assert line.startswith(f"dualtune: error: {world['ref']}: holds a finished run; add --overwrite to replace it")
+    line = one_error_line(
+        quick("run", RECIPE, "--backend", "torch", "--output-dir", str(world["ref"]), *world["cli"].base)
+    )
+    assert line.startswith(
+        f"dualtune: error: {world['ref']}: holds a finished run; add --overwrite to replace it"
+    )
     proc = world["round3"]["overwrite"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = world["root"] / "overwrite" / "run"
     marker = read_json(run / ".dualtune-run")
-    assert marker["status"] == "finished" and marker["pid"] == world["overwrite_pid"] != world["overwrite_before"]["pid"]
+    assert (
+        marker["status"] == "finished"
+        and marker["pid"] == world["overwrite_pid"] != world["overwrite_before"]["pid"]
+    )
     assert read_json(run / "final_metrics.json")["steps"] == 200  # the new run, not the old one
     assert not (run / "checkpoints" / f"step-{STEPS:07d}").exists()
     assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
@@ -379,7 +476,8 @@ def test_a_second_run_into_the_same_directory_fails_at_once(world):
     run = world["root"] / "overwrite" / "run"
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dualtune: error: {run}: another dualtune run (pid {world['overwrite_pid']}) is writing it; wait for "
-        f"it to end or choose another --output-dir")
+        f"it to end or choose another --output-dir"
+    )
     assert world["round3"]["overwrite"].returncode == 0  # the first one went on
 
 
@@ -392,6 +490,7 @@ def test_files_are_written_with_the_umask(world):
 
 
 # ---------------------------------------------------------------- 4. eval and predict on unfinished runs
+
 
 @pytest.mark.parametrize("command", ["eval_failed", "predict_failed"])
 def test_eval_and_predict_refuse_an_unfinished_run(world, command):
@@ -412,21 +511,28 @@ def test_eval_a_checkpoint_of_an_unfinished_run(world):
     # the checkpoint's adapter, not the final one: as the reference evaluated it at that step, if it did
     step = int(ckpt.name.rsplit("-", 1)[1])
     assert metrics["eval_loss"] != read_json(world["ref"] / "final_metrics.json")["eval_loss"]
-    same_step = [json.loads(line) for line in (world["ref"] / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line).get("split") == "eval" and json.loads(line)["step"] == step]
+    same_step = [
+        json.loads(line)
+        for line in (world["ref"] / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("split") == "eval" and json.loads(line)["step"] == step
+    ]
     if same_step:
         assert metrics["eval_loss"] == pytest.approx(same_step[0]["eval_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------- 5. early stopping
 
+
 def test_early_stopping_keeps_the_best_step(world):
     proc = world["round1"]["early"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = world["runs"] / "early"
     final = read_json(run / "final_metrics.json")
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("split") == "eval"]
+    evals = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("split") == "eval"
+    ]
     assert final["stopped_early"] is True and final["steps"] < 12
     in_loop = evals[:-1]  # the last line is the final evaluation, at the stopping step
     best = min(in_loop, key=lambda r: r["eval_loss"])

@@ -23,15 +23,35 @@ pytestmark = pytest.mark.slow
 METHODS = ("prefix", "lora", "bitfit")
 EPOCHS, LR = 3, "1e-2"
 STEPS = EPOCHS * math.ceil(180 / 8)  # 200 rows, 20 held out, batch 8
-RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final_metrics.json", "predictions.jsonl", "trainable.json",
-             "run.log", "adapter", "classification_report.json", "confusion_matrix.png"}
+RUN_FILES = {
+    "recipe.yaml",
+    "metrics.jsonl",
+    "final_metrics.json",
+    "predictions.jsonl",
+    "trainable.json",
+    "run.log",
+    "adapter",
+    "classification_report.json",
+    "confusion_matrix.png",
+}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def run_args(method: str, tiny_t5: str, fin_data: str, out: Path, *extra: str) -> list[str]:
-    return ["run", str(RECIPES / f"t5_{method}.yaml"), "--backend", "torch", f"model.name_or_path={tiny_t5}",
-            f"data.source={fin_data}", f"optim.lr={LR}", f"train.epochs={EPOCHS}", "--output-dir", str(out),
-            "--no-progress", *extra]
+    return [
+        "run",
+        str(RECIPES / f"t5_{method}.yaml"),
+        "--backend",
+        "torch",
+        f"model.name_or_path={tiny_t5}",
+        f"data.source={fin_data}",
+        f"optim.lr={LR}",
+        f"train.epochs={EPOCHS}",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +79,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- the run directory
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_run_directory(t5_runs, tiny_t5, fin_data, method):
     run = t5_runs[method]
@@ -85,7 +106,10 @@ def test_run_directory(t5_runs, tiny_t5, fin_data, method):
 
     predictions = read_jsonl(run / "predictions.jsonl")
     assert len(predictions) == 20
-    assert all(set(p) == {"text", "label", "teacher_forced", "teacher_forced_correct", "generated"} for p in predictions)
+    assert all(
+        set(p) == {"text", "label", "teacher_forced", "teacher_forced_correct", "generated"}
+        for p in predictions
+    )
     assert final["teacher_forced_accuracy"] == np.mean([p["teacher_forced_correct"] for p in predictions])
     # token-exact implies the decoded text is the label; the reverse need not hold ([pad, label])
     assert all(p["teacher_forced"] == p["label"] for p in predictions if p["teacher_forced_correct"])
@@ -98,7 +122,9 @@ def test_run_directory(t5_runs, tiny_t5, fin_data, method):
 
     assert "final: eval_loss=" in (run / "run.log").read_text()
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["peft_type"] == {"prefix": "PREFIX_TUNING", "lora": "LORA", "bitfit": "BITFIT"}[method]
+    assert (
+        adapter_config["peft_type"] == {"prefix": "PREFIX_TUNING", "lora": "LORA", "bitfit": "BITFIT"}[method]
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -110,6 +136,7 @@ def test_loss_falls(t5_runs, method):
 
 
 # ---------------------------------------------------------------- reloading the adapters
+
 
 def eval_batches(run: Path, tokenizer):
     recipe = load_recipe(run / "recipe.yaml")
@@ -150,7 +177,9 @@ def test_bitfit_reloads_through_the_backend(t5_runs, tiny_t5):
     run = t5_runs["bitfit"]
     recipe = load_recipe(run / "recipe.yaml")
     tokenizer = backend.load_tokenizer(recipe.model)
-    model = backend.load_trained(recipe.model, recipe.data.label_names, tokenizer, recipe.peft, run / "adapter")
+    model = backend.load_trained(
+        recipe.model, recipe.data.label_names, tokenizer, recipe.peft, run / "adapter"
+    )
     model.eval()
     saved = json.loads((run / "trainable.json").read_text())["tensors"]
     params = dict(model.named_parameters())
@@ -163,6 +192,7 @@ def test_bitfit_reloads_through_the_backend(t5_runs, tiny_t5):
 
 # ---------------------------------------------------------------- failed runs
 
+
 def test_nan_run_leaves_good_run_untouched(t5_runs, tiny_t5, fin_data, tmp_path):
     good = tmp_path / "t5_lora"
     shutil.copytree(t5_runs["lora"], good)
@@ -171,7 +201,8 @@ def test_nan_run_leaves_good_run_untouched(t5_runs, tiny_t5, fin_data, tmp_path)
     proc = run_cli_parallel({"nan": run_args("lora", tiny_t5, fin_data, good, "optim.lr=1e30")})["nan"]
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
-        "dualtune: error: loss is nan at step 2; lower optim.lr or set optim.grad_clip")
+        "dualtune: error: loss is nan at step 2; lower optim.lr or set optim.grad_clip"
+    )
     assert tree(good) == before
     siblings = sorted(p.name for p in tmp_path.iterdir())
     assert siblings == ["t5_lora", "t5_lora.failed"]  # no .partial-*; the failed run is kept aside

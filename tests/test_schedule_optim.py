@@ -50,8 +50,8 @@ SCHEDULES = [
     (dict(name="linear", warmup_steps=0), 7),
     (dict(name="linear"), 9),
     (dict(name="linear", warmup_ratio=0.25), 10),  # 2.5 steps: transformers rounds up to 3
-    (dict(name="linear", warmup_ratio=0.1), 60),   # the demo recipe: 6 steps
-    (dict(name="linear", warmup_ratio=0.1), 23),   # 2.3 steps: 3
+    (dict(name="linear", warmup_ratio=0.1), 60),  # the demo recipe: 6 steps
+    (dict(name="linear", warmup_ratio=0.1), 23),  # 2.3 steps: 3
     (dict(name="constant", warmup_steps=3), 8),
     (dict(name="constant", warmup_ratio=0.2), 11),
     (dict(name="constant"), 5),
@@ -80,6 +80,7 @@ def test_linear_warmup_boundaries(kwargs, total):
 
 
 # ---------------------------------------------------------------- AdamW + clipping
+
 
 @pytest.mark.parametrize("weight_decay, grad_clip", [(0.01, 1.0), (0.1, 0.5), (0.0, None)])
 def test_torch_adamw_matches_numpy_reference(weight_decay, grad_clip):

@@ -16,25 +16,41 @@ import yaml
 
 optuna = pytest.importorskip("optuna")
 
-from helpers import RECIPES, REPO, dualtune_cli
-from torch_helpers import CLI_ENV
-
 from dualtune import sweep as sweepmod
 from dualtune.errors import RecipeError
 from dualtune.recipe import TrainSpec, load_recipe
+from helpers import RECIPES, REPO, dualtune_cli
+from torch_helpers import CLI_ENV
 
 DEMO = RECIPES / "minilm_demo.yaml"
 SPACE = RECIPES / "spaces" / "lora_seed001.yaml"
 
 
 def tiny(tiny_bert: str, fin_data: str) -> list[str]:
-    return [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-            "train.max_steps=4", "train.eval_every=2"]
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=4",
+        "train.eval_every=2",
+    ]
 
 
 def sweep_args(out: Path, trials: int, overrides: list[str], *extra: str) -> list[str]:
-    return ["sweep", str(DEMO), "--space", str(SPACE), "--trials", str(trials), "--out", str(out),
-            "--backend", "torch", *overrides, *extra]
+    return [
+        "sweep",
+        str(DEMO),
+        "--space",
+        str(SPACE),
+        "--trials",
+        str(trials),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        *overrides,
+        *extra,
+    ]
 
 
 def study_trials(out: Path, name: str = "minilm_demo"):
@@ -48,6 +64,7 @@ def write_space(path: Path, params: dict, **top) -> Path:
 
 # ---------------------------------------------------------------- the space file
 
+
 def test_shipped_space_loads():
     space = sweepmod.load_space(SPACE, DEMO)
     assert (space.metric, space.direction) == ("f1_macro", "maximize")
@@ -60,21 +77,40 @@ def test_shipped_space_loads():
     assert (drop.kind, drop.low, drop.high) == ("float", 0.0, 0.1)
 
 
-@pytest.mark.parametrize("params, top, message", [
-    ({"peft.lora.rank": {"choices": [4, 8]}}, {}, "params: peft.lora.rank: unknown key"),
-    ({"peft.lora.dropout": {"type": "float", "low": 0.0, "high": 1.5}}, {}, "params: peft.lora.dropout: got 1.5"),
-    ({"peft.lora.r": {"choices": [4, 0]}}, {}, "params: peft.lora.r: got 0"),
-    ({"optim.lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, {}, "params.optim.lr.low: 0.0: a log"),
-    ({"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-4}}, {}, "params.optim.lr: low 0.001 must be below"),
-    ({"optim.lr": {"type": "gaussian", "low": 1, "high": 2}}, {}, "params.optim.lr.type: got 'gaussian'"),
-    ({"optim.lr": {"low": 1e-4, "high": 1e-3}}, {}, "params.optim.lr.type: got None"),
-    ({"optim.lr": {"type": "float", "low": 1e-4, "hi": 1e-3}}, {}, "params.optim.lr.hi: unknown key"),
-    ({"train.batch_size": {"type": "int", "low": 4.5, "high": 8}}, {}, "params.train.batch_size.low: got 4.5"),
-    ({"optim": {"choices": [1]}}, {}, "params: optim: got 1 (int)"),
-    ({"optim.lr": {"choices": [1e-4]}}, {"metric": "bleu"}, "metric: got 'bleu'"),
-    ({"optim.lr": {"choices": [1e-4]}}, {"direction": "up"}, "direction: got 'up'"),
-    ({"optim.lr": {"choices": [1e-4]}}, {"pruner": {"patience": 2}}, "pruner.patience: unknown key"),
-])
+@pytest.mark.parametrize(
+    "params, top, message",
+    [
+        ({"peft.lora.rank": {"choices": [4, 8]}}, {}, "params: peft.lora.rank: unknown key"),
+        (
+            {"peft.lora.dropout": {"type": "float", "low": 0.0, "high": 1.5}},
+            {},
+            "params: peft.lora.dropout: got 1.5",
+        ),
+        ({"peft.lora.r": {"choices": [4, 0]}}, {}, "params: peft.lora.r: got 0"),
+        (
+            {"optim.lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}},
+            {},
+            "params.optim.lr.low: 0.0: a log",
+        ),
+        (
+            {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-4}},
+            {},
+            "params.optim.lr: low 0.001 must be below",
+        ),
+        ({"optim.lr": {"type": "gaussian", "low": 1, "high": 2}}, {}, "params.optim.lr.type: got 'gaussian'"),
+        ({"optim.lr": {"low": 1e-4, "high": 1e-3}}, {}, "params.optim.lr.type: got None"),
+        ({"optim.lr": {"type": "float", "low": 1e-4, "hi": 1e-3}}, {}, "params.optim.lr.hi: unknown key"),
+        (
+            {"train.batch_size": {"type": "int", "low": 4.5, "high": 8}},
+            {},
+            "params.train.batch_size.low: got 4.5",
+        ),
+        ({"optim": {"choices": [1]}}, {}, "params: optim: got 1 (int)"),
+        ({"optim.lr": {"choices": [1e-4]}}, {"metric": "bleu"}, "metric: got 'bleu'"),
+        ({"optim.lr": {"choices": [1e-4]}}, {"direction": "up"}, "direction: got 'up'"),
+        ({"optim.lr": {"choices": [1e-4]}}, {"pruner": {"patience": 2}}, "pruner.patience: unknown key"),
+    ],
+)
 def test_bad_space_is_one_line_naming_the_path(tmp_path, params, top, message):
     space = write_space(tmp_path / "space.yaml", params, **top)
     with pytest.raises(RecipeError) as err:
@@ -84,10 +120,13 @@ def test_bad_space_is_one_line_naming_the_path(tmp_path, params, top, message):
 
 def test_bad_space_key_cli_exit_2(tmp_path):
     space = write_space(tmp_path / "space.yaml", {"peft.lora.rank": {"choices": [4, 8]}})
-    proc = dualtune_cli("sweep", str(DEMO), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "s"),
-                        check=False)
+    proc = dualtune_cli(
+        "sweep", str(DEMO), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "s"), check=False
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"dualtune: error: space {space}: params: peft.lora.rank: unknown key"]
+    assert proc.stderr.strip().splitlines() == [
+        f"dualtune: error: space {space}: params: peft.lora.rank: unknown key"
+    ]
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
@@ -122,11 +161,20 @@ def test_pruned_and_failed_trials_across_processes(tmp_path, monkeypatch, capsys
     its last stderr line; the sweep goes on to trial 3 (0.8)."""
     script = tmp_path / "fake_trial.py"
     script.write_text(FAKE_TRIAL)
-    monkeypatch.setattr(sweepmod, "_run_command", lambda sw, params, target, resume: [sys.executable, str(script),
-                                                                                      str(target)])
+    monkeypatch.setattr(
+        sweepmod,
+        "_run_command",
+        lambda sw, params, target, resume: [sys.executable, str(script), str(target)],
+    )
     monkeypatch.setattr(sweepmod, "POLL_S", 0.1)
-    space = write_space(tmp_path / "space.yaml", {"peft.lora.r": {"choices": [4, 8]}, "optim.lr": {
-        "type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, pruner={"n_startup_trials": 1})
+    space = write_space(
+        tmp_path / "space.yaml",
+        {
+            "peft.lora.r": {"choices": [4, 8]},
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        },
+        pruner={"n_startup_trials": 1},
+    )
     sw = sweepmod.make_sweep(str(DEMO), [], str(space), 4, out=str(tmp_path / "s"), seed=3)
     assert sweepmod.sweep(sw) == 0
     trials = study_trials(sw.out)
@@ -135,7 +183,10 @@ def test_pruned_and_failed_trials_across_processes(tmp_path, monkeypatch, capsys
     assert max(trials[1].intermediate_values) < 5  # stopped before its last evaluation
     assert trials[2].user_attrs["error"] == "boom: the data went missing"
     out = capsys.readouterr().out
-    assert "sweep: trial 1 pruned: at step 1, f1_macro=0.0000" in out and "sweep: trial 2 failed: boom: the data went missing" in out
+    assert (
+        "sweep: trial 1 pruned: at step 1, f1_macro=0.0000" in out
+        and "sweep: trial 2 failed: boom: the data went missing" in out
+    )
     assert "best f1_macro=0.8000 (trial 3)" in out
     table = (sw.out / "trials.txt").read_text().splitlines()
     assert table[0].split()[:3] == ["trial", "state", "f1_macro"] and len(table) == 5
@@ -147,7 +198,10 @@ def test_pruned_and_failed_trials_across_processes(tmp_path, monkeypatch, capsys
     assert best.train.output_dir == TrainSpec.model_fields["output_dir"].default
     assert (sw.out / "history.png").stat().st_size > 0 and (sw.out / "importances.png").stat().st_size > 0
     # Run again with the same command: the study has its 4 trials, nothing more runs.
-    assert sweepmod.sweep(sweepmod.make_sweep(str(DEMO), [], str(space), 4, out=str(tmp_path / "s"), seed=3)) == 0
+    assert (
+        sweepmod.sweep(sweepmod.make_sweep(str(DEMO), [], str(space), 4, out=str(tmp_path / "s"), seed=3))
+        == 0
+    )
     assert len(study_trials(sw.out)) == 4
     # Another space in the same sweep directory is refused in one line.
     other = write_space(tmp_path / "other.yaml", {"peft.lora.r": {"choices": [16]}})
@@ -157,13 +211,20 @@ def test_pruned_and_failed_trials_across_processes(tmp_path, monkeypatch, capsys
 
 # ---------------------------------------------------------------- real sweeps on the tiny BERT
 
+
 @pytest.mark.slow
 def test_sweep_killed_continues_and_best_recipe_reproduces(tiny_bert, fin_data, tmp_path):
     out = tmp_path / "sweep"
     args = sweep_args(out, 3, tiny(tiny_bert, fin_data))
     with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dualtune.cli", *args], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=CLI_ENV, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dualtune.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=CLI_ENV,
+            cwd=REPO,
+        )
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -174,7 +235,9 @@ def test_sweep_killed_continues_and_best_recipe_reproduces(tiny_bert, fin_data, 
                 proc.send_signal(signal.SIGKILL)  # killed outright: trial 1 is left RUNNING
                 break
         proc.wait(timeout=60)
-    assert any(ln.startswith("sweep: trial 0 complete") for ln in lines), "".join(lines) + (tmp_path / "first.err").read_text()
+    assert any(ln.startswith("sweep: trial 0 complete") for ln in lines), (
+        "".join(lines) + (tmp_path / "first.err").read_text()
+    )
     first = study_trials(out)
     assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
     finished_at = (out / "trial-000" / "final_metrics.json").stat().st_mtime_ns
@@ -186,7 +249,11 @@ def test_sweep_killed_continues_and_best_recipe_reproduces(tiny_bert, fin_data, 
     assert [t.number for t in trials] == [0, 1, 2]
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert (out / "trial-000" / "final_metrics.json").stat().st_mtime_ns == finished_at  # not run again
-    assert sorted(p.name for p in out.glob("trial-*") if p.is_dir()) == ["trial-000", "trial-001", "trial-002"]
+    assert sorted(p.name for p in out.glob("trial-*") if p.is_dir()) == [
+        "trial-000",
+        "trial-001",
+        "trial-002",
+    ]
     for name in ("trials.txt", "trials.csv", "best_recipe.yaml", "history.png"):
         assert (out / name).is_file(), name
     assert (out / "importances.png").is_file() or "importances.png not written" in again.stdout
@@ -195,7 +262,9 @@ def test_sweep_killed_continues_and_best_recipe_reproduces(tiny_bert, fin_data, 
     best = study.best_trial
     assert f"sweep: best trial {best.number}: f1_macro={best.value:.4f}" in again.stdout
     rerun = tmp_path / "best-run"
-    dualtune_cli("run", str(out / "best_recipe.yaml"), "--output-dir", str(rerun), "--no-progress", env=CLI_ENV)
+    dualtune_cli(
+        "run", str(out / "best_recipe.yaml"), "--output-dir", str(rerun), "--no-progress", env=CLI_ENV
+    )
     final = json.loads((rerun / "final_metrics.json").read_text())
     assert final["f1_macro"] == best.value  # same recipe, same seed: the same number
 

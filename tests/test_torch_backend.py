@@ -32,16 +32,33 @@ def prepare(backend, recipe_file: str, *overrides: str):
 
 
 def t5_prepared(backend, tiny_t5, fin_data, recipe_file, *overrides):
-    return prepare(backend, recipe_file, f"model.name_or_path={tiny_t5}", f"data.source={fin_data}",
-                   # two steps: LoRA's B starts at zero, so A only gets a gradient from step 2
-                   "train.max_steps=2", "train.eval_every=1000", "optim.weight_decay=0", *overrides)
+    return prepare(
+        backend,
+        recipe_file,
+        f"model.name_or_path={tiny_t5}",
+        f"data.source={fin_data}",
+        # two steps: LoRA's B starts at zero, so A only gets a gradient from step 2
+        "train.max_steps=2",
+        "train.eval_every=1000",
+        "optim.weight_decay=0",
+        *overrides,
+    )
 
 
 def bert_prepared(backend, tiny_bert, fin_data, *overrides):
-    return prepare(backend, "minilm_demo.yaml", f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
-                   "data.max_rows=null", "train.max_steps=2", "train.eval_every=1000", "optim.weight_decay=0",
-                   # no warmup: step 1 at lr 0 would leave LoRA's B at zero and A without a gradient
-                   "schedule.warmup_ratio=null", *overrides)
+    return prepare(
+        backend,
+        "minilm_demo.yaml",
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=2",
+        "train.eval_every=1000",
+        "optim.weight_decay=0",
+        # no warmup: step 1 at lr 0 would leave LoRA's B at zero and A without a gradient
+        "schedule.warmup_ratio=null",
+        *overrides,
+    )
 
 
 def base_t5(tiny_t5):
@@ -57,8 +74,11 @@ def base_bert(tiny_bert):
 
 
 def linears(model, suffixes) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in suffixes}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in suffixes
+    }
 
 
 def assert_one_step_moves_exactly(backend, prep):
@@ -79,6 +99,7 @@ def peft_count(prep) -> int:
 
 
 # ---------------------------------------------------------------- tiny T5 (seq2seq)
+
 
 def test_t5_prefix(backend, tiny_t5, fin_data):
     prep = t5_prepared(backend, tiny_t5, fin_data, "t5_prefix.yaml")
@@ -123,10 +144,10 @@ def test_t5_bitfit_without_added_biases_trains_only_relative_attention_tables(ba
     prep = t5_prepared(backend, tiny_t5, fin_data, "t5_bitfit.yaml", "peft.bitfit.add_bias_to=[]")
     cfg = prep.model.config
     assert prep.trainable == {
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            cfg.relative_attention_num_buckets * cfg.num_heads,
-        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-            cfg.relative_attention_num_buckets * cfg.num_heads,
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": cfg.relative_attention_num_buckets
+        * cfg.num_heads,
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": cfg.relative_attention_num_buckets
+        * cfg.num_heads,
     }
     assert_one_step_moves_exactly(backend, prep)
 
@@ -190,8 +211,10 @@ def test_bert_prefix(backend, tiny_bert, fin_data):
     prep = bert_prepared(backend, tiny_bert, fin_data, "peft.method=prefix")
     cfg = prep.model.base_model.config
     base = base_bert(tiny_bert)
-    expected = (prep.recipe.peft.prefix.num_virtual_tokens * cfg.num_hidden_layers * 2 * cfg.hidden_size
-                + head_size(base))
+    expected = (
+        prep.recipe.peft.prefix.num_virtual_tokens * cfg.num_hidden_layers * 2 * cfg.hidden_size
+        + head_size(base)
+    )
     assert sum(prep.trainable.values()) == expected == peft_count(prep)
     assert {n.split(".")[0] for n in prep.trainable} == {"prompt_encoder", "base_model"}
     assert_one_step_moves_exactly(backend, prep)
@@ -215,14 +238,23 @@ def test_bert_full_finetuning(backend, tiny_bert, fin_data):
 
 # ---------------------------------------------------------------- classification adapters reload
 
+
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_classification_adapter_reloads_in_plain_peft(backend, tiny_bert, fin_data, tmp_path, method):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    recipe = load_recipe(RECIPES / "minilm_demo.yaml", [
-        f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-        f"peft.method={method}", "optim.lr=1e-2", "train.epochs=2"])
+    recipe = load_recipe(
+        RECIPES / "minilm_demo.yaml",
+        [
+            f"model.name_or_path={tiny_bert}",
+            f"data.source={fin_data}",
+            "data.max_rows=null",
+            f"peft.method={method}",
+            "optim.lr=1e-2",
+            "train.epochs=2",
+        ],
+    )
     run = runner.run_recipe(recipe, backend, tmp_path / method, progress=False)
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
 
@@ -235,7 +267,10 @@ def test_classification_adapter_reloads_in_plain_peft(backend, tiny_bert, fin_da
     logits = []
     with torch.no_grad():
         for b in datamap.batches(enc, saved.train.batch_size, tok.pad_token_id, saved.data, "classification"):
-            out = model(input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"]))
+            out = model(
+                input_ids=torch.from_numpy(b["input_ids"]),
+                attention_mask=torch.from_numpy(b["attention_mask"]),
+            )
             logits.append(out.logits.numpy())
     logits = np.concatenate(logits)
 
@@ -247,24 +282,28 @@ def test_classification_adapter_reloads_in_plain_peft(backend, tiny_bert, fin_da
 
 # ---------------------------------------------------------------- evaluation order
 
+
 @pytest.mark.parametrize("kind", ["bert", "t5"])
 def test_evaluate_reads_longest_first_and_returns_dataset_order(backend, tiny_t5, tiny_bert, fin_data, kind):
     """Length-sorted eval batches (padding: longest) give the predictions of fixed-length batches, per row."""
+
     def predictions(padding):
         if kind == "bert":
             prep = bert_prepared(backend, tiny_bert, fin_data, f"data.padding={padding}")
         else:
-            prep = t5_prepared(backend, tiny_t5, fin_data, "t5_lora.yaml", f"data.padding={padding}",
-                               "train.generate=true")
+            prep = t5_prepared(
+                backend, tiny_t5, fin_data, "t5_lora.yaml", f"data.padding={padding}", "train.generate=true"
+            )
         backend.seed(0)
         return prep, evaluation.evaluate(backend, prep).predictions
 
     prep, by_length = predictions("longest")
     _, fixed = predictions("max_length")
     assert datamap.eval_order(prep.eval_set, prep.recipe.data).tolist() != list(range(len(prep.eval_set)))
-    assert [p["label"] for p in by_length] == [prep.label_names[l] for l in prep.eval_set.labels]
+    assert [p["label"] for p in by_length] == [prep.label_names[item] for item in prep.eval_set.labels]
     if kind == "bert":
         np.testing.assert_allclose([p["logits"] for p in by_length], [p["logits"] for p in fixed], atol=1e-5)
     else:
-        assert [(p["teacher_forced"], p["generated"]) for p in by_length] == \
-               [(p["teacher_forced"], p["generated"]) for p in fixed]
+        assert [(p["teacher_forced"], p["generated"]) for p in by_length] == [
+            (p["teacher_forced"], p["generated"]) for p in fixed
+        ]

@@ -20,8 +20,13 @@ ALL = "train.report_to=[tensorboard,mlflow,wandb]"
 
 
 def overrides(tiny_bert: str, fin_data: str) -> list[str]:
-    return [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-            "train.max_steps=4", "train.eval_every=2"]
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=4",
+        "train.eval_every=2",
+    ]
 
 
 def clean_env() -> dict:
@@ -40,7 +45,11 @@ def expected(run_dir: Path) -> tuple[dict, dict]:
         rec = json.loads(line)
         into = evals if rec.get("split") == "eval" else train
         for k, v in rec.items():
-            if k not in ("step", "epoch", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (
+                k not in ("step", "epoch", "split")
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+            ):
                 into.setdefault(k, {})[rec["step"]] = float(v)
     return train, evals
 
@@ -54,7 +63,9 @@ def assert_same(got: dict[int, float], want: dict[int, float], what: str, rel: f
 def read_tensorboard(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc = EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
     acc.Reload()
     return acc
 
@@ -76,11 +87,11 @@ def read_wandb(run_dir: Path) -> tuple[dict[int, dict], dict, dict]:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # block padding
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind not in (1, 4):  # FULL or LAST: a whole record
             continue
@@ -89,11 +100,18 @@ def read_wandb(run_dir: Path) -> tuple[dict[int, dict], dict, dict]:
         buf = b""
         which = record.WhichOneof("record_type")
         if which == "history":
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            row = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             history.setdefault(record.history.step.num, {}).update(row)
         elif which == "summary":
-            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.summary.update})
+            summary.update(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.summary.update
+                }
+            )
         elif which == "run":
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
         elif which == "config":
@@ -119,8 +137,12 @@ def check_all_trackers(run_dir: Path, backend: str) -> None:
 
     acc = read_tensorboard(run_dir)  # float32 on disk
     for prefix, key, want in keys:
-        assert_same({e.step: e.value for e in acc.Scalars(f"{prefix}/{key}")}, want, f"tensorboard {prefix}/{key}",
-                    rel=1e-6)
+        assert_same(
+            {e.step: e.value for e in acc.Scalars(f"{prefix}/{key}")},
+            want,
+            f"tensorboard {prefix}/{key}",
+            rel=1e-6,
+        )
     assert acc.Scalars("final/accuracy")[0].value == pytest.approx(final["accuracy"], rel=1e-6)
     assert {"confusion_matrix", "loss_curve"} <= set(acc.Tags()["images"])
     assert {"recipe/text_summary", "run/text_summary"} <= set(acc.Tags()["tensors"])
@@ -135,9 +157,16 @@ def check_all_trackers(run_dir: Path, backend: str) -> None:
     assert run.data.tags["dualtune.device"] == "cpu" and run.data.tags["version.transformers"]
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "loss_curve.png", "recipe.yaml", "final_metrics.json", "adapter"} <= artifacts
-    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")} == \
-        {p.name for p in (run_dir / "adapter").iterdir()}
+    assert {
+        "confusion_matrix.png",
+        "loss_curve.png",
+        "recipe.yaml",
+        "final_metrics.json",
+        "adapter",
+    } <= artifacts
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")} == {
+        p.name for p in (run_dir / "adapter").iterdir()
+    }
 
     history, summary, config = read_wandb(run_dir)
     for prefix, key, want in keys:
@@ -152,8 +181,18 @@ def check_all_trackers(run_dir: Path, backend: str) -> None:
 @pytest.fixture(scope="module")
 def tracked(tiny_bert, fin_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tracking") / "tracked"
-    dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "torch", "--output-dir", str(out),
-                 "--no-progress", *overrides(tiny_bert, fin_data), ALL, env=clean_env())
+    dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        "--backend",
+        "torch",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        *overrides(tiny_bert, fin_data),
+        ALL,
+        env=clean_env(),
+    )
     return out
 
 
@@ -169,7 +208,9 @@ def test_failed_run_and_tracking_uri(tracked, monkeypatch):
     from dualtune.recipe import load_recipe
     from dualtune.tracking import Tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked.parent / 'mlflow.db'}")  # already made: fast
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{tracked.parent / 'mlflow.db'}"
+    )  # already made: fast
     recipe = load_recipe(RECIPES / "minilm_demo.yaml", ["train.report_to=[tensorboard,mlflow]"])
     target = tracked.parent / "failed"
     partial = tracked.parent / "failed.partial-1"
@@ -177,13 +218,19 @@ def test_failed_run_and_tracking_uri(tracked, monkeypatch):
     (partial / "recipe.yaml").write_text(recipe.to_yaml())
     tracking = Tracking(recipe, partial, target, "torch", "cpu")
     tracking.on_train_begin(LoopState(total_steps=10, steps_per_epoch=5))
-    tracking.on_step_end(LoopState(total_steps=10, steps_per_epoch=5, step=1),
-                         {"step": 1, "epoch": 0, "loss": 0.5, "lr": 0.1, "grad_norm": 2.0, "tokens": 7})
+    tracking.on_step_end(
+        LoopState(total_steps=10, steps_per_epoch=5, step=1),
+        {"step": 1, "epoch": 0, "loss": 0.5, "lr": 0.1, "grad_norm": 2.0, "tokens": 7},
+    )
     tracking.close(failed=True)
     tracking.close(failed=True)
     _, run = mlflow_run(target, "minilm_demo")
-    assert run.info.status == "FAILED" and run.data.metrics == {"train/loss": 0.5, "train/lr": 0.1,
-                                                               "train/grad_norm": 2.0, "train/tokens": 7.0}
+    assert run.info.status == "FAILED" and run.data.metrics == {
+        "train/loss": 0.5,
+        "train/lr": 0.1,
+        "train/grad_norm": 2.0,
+        "train/tokens": 7.0,
+    }
     assert [(e.step, e.value) for e in read_tensorboard(partial).Scalars("train/loss")] == [(1, 0.5)]
 
 
@@ -211,10 +258,20 @@ def test_missing_tracker_is_one_line_before_a_backend_loads(monkeypatch, capsys,
     monkeypatch.setattr(backend, "get_backend", lambda *a, **k: pytest.fail("a backend was loaded"))
 
     real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
-    status = cli.main(["run", str(RECIPES / "minilm_demo.yaml"), "--backend", "torch", "--output-dir",
-                       str(tmp_path / "run"), "train.report_to=[tensorboard,wandb]"])
+    monkeypatch.setattr(
+        tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    status = cli.main(
+        [
+            "run",
+            str(RECIPES / "minilm_demo.yaml"),
+            "--backend",
+            "torch",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "train.report_to=[tensorboard,wandb]",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert "train.report_to wandb" in err[0] and "pip install 'dualtune[tracking]'" in err[0]

@@ -30,9 +30,17 @@ def cli_command(*args: str) -> list[str]:
 
 def run_cli_parallel(jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
     """Run several ``dualtune`` commands at once (each in its own process, one thread each)."""
-    procs = {key: subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env=CLI_ENV, cwd=REPO)
-             for key, args in jobs.items()}
+    procs = {
+        key: subprocess.Popen(
+            cli_command(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CLI_ENV,
+            cwd=REPO,
+        )
+        for key, args in jobs.items()
+    }
     done = {}
     for key, proc in procs.items():
         out, err = proc.communicate(timeout=600)

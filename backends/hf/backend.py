@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch  # PyTorch or mindtorch: see the module docstring
@@ -21,8 +20,15 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from dualtune.backend import Backend, BackendError
-from dualtune.backends.hf.methods import (BITFIT_CONFIG, BITFIT_WEIGHTS, add_zero_biases, apply_bitfit,
-                                          bitfit_config, peft_config, read_bitfit_config)
+from dualtune.backends.hf.methods import (
+    BITFIT_CONFIG,
+    BITFIT_WEIGHTS,
+    add_zero_biases,
+    apply_bitfit,
+    bitfit_config,
+    peft_config,
+    read_bitfit_config,
+)
 from dualtune.hub import model_not_found, resolve_model_path
 from dualtune.recipe import PEFT_LIBRARY_METHODS
 
@@ -57,8 +63,10 @@ class HFBackend(Backend):
             raise model_not_found(model_spec.name_or_path, err) from None
         if tok.pad_token is None:
             if not model_spec.pad_token_as_eos:
-                raise BackendError(f"tokenizer of {model_spec.name_or_path} has no pad token; "
-                                   f"set model.pad_token_as_eos=true (decoder LLMs)")
+                raise BackendError(
+                    f"tokenizer of {model_spec.name_or_path} has no pad token; "
+                    f"set model.pad_token_as_eos=true (decoder LLMs)"
+                )
             tok.pad_token = tok.eos_token
         return tok
 
@@ -69,8 +77,11 @@ class HFBackend(Backend):
                 model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
             else:
                 model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=len(label_names),
-                    id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+                    path,
+                    num_labels=len(label_names),
+                    id2label=dict(enumerate(label_names)),
+                    label2id={n: i for i, n in enumerate(label_names)},
+                )
         except OSError as err:
             raise model_not_found(model_spec.name_or_path, err) from None
         if model.config.pad_token_id is None:
@@ -86,8 +97,11 @@ class HFBackend(Backend):
             if method in ("prompt", "p_tuning") and task == "classification" and hasattr(model, "score"):
                 # Decoder heads (`score`: Llama, Mistral, GPT-2) pool the last non-pad token, found from
                 # input_ids; peft passes inputs_embeds, so they pool the last position: padding in short rows.
-                log.warning("%s on a decoder model: the classification head reads the last position, "
-                            "which is padding in shorter rows", method)
+                log.warning(
+                    "%s on a decoder model: the classification head reads the last position, "
+                    "which is padding in shorter rows",
+                    method,
+                )
             try:
                 return get_peft_model(model, peft_config(peft_spec, task, model.config.name_or_path))
             except ValueError as err:  # e.g. target_modules that name nothing in this model
@@ -108,8 +122,11 @@ class HFBackend(Backend):
 
     # -- the loss
     def set_class_weights(self, model, weights) -> None:
-        model._dualtune_class_weights = None if weights is None else \
-            torch.tensor(np.asarray(weights, dtype=np.float32), device=self.torch_device)
+        model._dualtune_class_weights = (
+            None
+            if weights is None
+            else torch.tensor(np.asarray(weights, dtype=np.float32), device=self.torch_device)
+        )
 
     def _forward(self, model, batch):
         weights = getattr(model, "_dualtune_class_weights", None)
@@ -131,8 +148,13 @@ class HFBackend(Backend):
 
     def generate(self, model, batch, max_new_tokens):
         with torch.no_grad():
-            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            out = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
         return self.to_numpy(out)
 
     # -- saving and loading
@@ -148,7 +170,9 @@ class HFBackend(Backend):
             # with a config that says which tensors they are and which biases were added.
             directory.mkdir(parents=True, exist_ok=True)
             save_numpy(self.trainable_state(model), str(directory / BITFIT_WEIGHTS))
-            (directory / BITFIT_CONFIG).write_text(json.dumps(bitfit_config(model, peft_spec.bitfit), indent=2))
+            (directory / BITFIT_CONFIG).write_text(
+                json.dumps(bitfit_config(model, peft_spec.bitfit), indent=2)
+            )
         else:
             model.save_pretrained(directory)
 
@@ -168,7 +192,8 @@ class HFBackend(Backend):
 
             # Not PeftModel.from_pretrained(is_trainable=True): peft refuses that for prefix tuning.
             result = set_peft_model_state_dict(
-                model, {k: torch.tensor(v, device=self.torch_device) for k, v in saved.items()})
+                model, {k: torch.tensor(v, device=self.torch_device) for k, v in saved.items()}
+            )
             # peft loads prompt_embeddings itself, then still lists the key as unexpected.
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if k != "prompt_embeddings"]
             if unexpected:
@@ -232,6 +257,7 @@ class HFBackend(Backend):
                 t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     outputs[name] = self.to_numpy(t).copy()
+
             return record
 
         for name, module in model.named_modules():

@@ -7,8 +7,9 @@ Imported only after a backend has activated its framework (``import torch`` may 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch  # PyTorch or mindtorch: see dualtune.backends.hf
 
@@ -33,29 +34,49 @@ def peft_config(peft_spec, task: str, model_path: str | None = None):
     if method == "prefix":
         p = peft_spec.prefix
         kwargs = {} if p.encoder_hidden_size is None else {"encoder_hidden_size": p.encoder_hidden_size}
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens,
-                                       prefix_projection=p.prefix_projection, **kwargs)
+        return peft.PrefixTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=p.num_virtual_tokens,
+            prefix_projection=p.prefix_projection,
+            **kwargs,
+        )
     if method == "prompt":
         p = peft_spec.prompt
-        init = {} if p.init_text is None else {
-            "prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": p.init_text,
-            "tokenizer_name_or_path": model_path}
+        init = (
+            {}
+            if p.init_text is None
+            else {
+                "prompt_tuning_init": peft.PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": p.init_text,
+                "tokenizer_name_or_path": model_path,
+            }
+        )
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens, **init)
     if method == "p_tuning":
         p = peft_spec.p_tuning
         kwargs = {} if p.encoder_hidden_size is None else {"encoder_hidden_size": p.encoder_hidden_size}
-        return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens,
-                                        encoder_reparameterization_type=p.encoder,
-                                        encoder_num_layers=p.encoder_num_layers,
-                                        encoder_dropout=p.encoder_dropout, **kwargs)
+        return peft.PromptEncoderConfig(
+            task_type=task_type,
+            num_virtual_tokens=p.num_virtual_tokens,
+            encoder_reparameterization_type=p.encoder,
+            encoder_num_layers=p.encoder_num_layers,
+            encoder_dropout=p.encoder_dropout,
+            **kwargs,
+        )
     if method == "lora":
         lo = peft_spec.lora
-        return peft.LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                               target_modules=lo.target_modules)
+        return peft.LoraConfig(
+            task_type=task_type,
+            r=lo.r,
+            lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout,
+            target_modules=lo.target_modules,
+        )
     if method == "ia3":
         ia = peft_spec.ia3
-        return peft.IA3Config(task_type=task_type, target_modules=ia.target_modules,
-                              feedforward_modules=ia.feedforward_modules)
+        return peft.IA3Config(
+            task_type=task_type, target_modules=ia.target_modules, feedforward_modules=ia.feedforward_modules
+        )
     raise ValueError(f"{method} is not a peft method")
 
 
@@ -63,8 +84,11 @@ def add_zero_biases(model, suffixes: Sequence[str]) -> list[str]:
     """Give bias-free Linear layers whose name ends with one of ``suffixes`` a zero bias (BitFit on T5)."""
     added = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is None \
-                and any(name == s or name.endswith("." + s) for s in suffixes):
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module.bias is None
+            and any(name == s or name.endswith("." + s) for s in suffixes)
+        ):
             module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
             added.append(name)
     return added
@@ -80,9 +104,14 @@ def apply_bitfit(model: Any, bitfit_spec: Any) -> None:
 
 def bitfit_config(model: Any, bitfit_spec: Any) -> dict:
     """adapter_config.json for BitFit: which tensors the weights file holds and which biases were added."""
-    return {"peft_type": "BITFIT", "format": "dualtune", "base_model_name_or_path": model.config.name_or_path,
-            "patterns": list(bitfit_spec.patterns), "add_bias_to": list(bitfit_spec.add_bias_to),
-            "added_biases": getattr(model, "_dualtune_added_biases", [])}
+    return {
+        "peft_type": "BITFIT",
+        "format": "dualtune",
+        "base_model_name_or_path": model.config.name_or_path,
+        "patterns": list(bitfit_spec.patterns),
+        "add_bias_to": list(bitfit_spec.add_bias_to),
+        "added_biases": getattr(model, "_dualtune_added_biases", []),
+    }
 
 
 def read_bitfit_config(directory: Path) -> dict:

@@ -3,8 +3,8 @@ both backends can load the very same weights. Configs and tokenizers: ``dualtune
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import transformers
 

@@ -9,7 +9,6 @@ kernel and launch settings (verified on CPU; the Ascend path is not run yet).
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 from dualtune.backend import BackendError, torch_flavour
@@ -23,8 +22,10 @@ DEVICES = {"cpu": ("CPU", "cpu"), "ascend": ("Ascend", "npu"), "gpu": ("GPU", "c
 def activate(device: str) -> None:
     """Point MindSpore at ``device``, tune it for CPU, install mindnlp's ``import torch`` redirect."""
     if torch_flavour() == "torch":
-        raise BackendError("the mindspore backend cannot start: PyTorch is already imported in this "
-                           "process, and mindnlp would mix it with mindtorch; run mindspore in a separate process")
+        raise BackendError(
+            "the mindspore backend cannot start: PyTorch is already imported in this "
+            "process, and mindnlp would mix it with mindtorch; run mindspore in a separate process"
+        )
     if device not in DEVICES:
         raise BackendError(f"--device {device}: the mindspore backend runs on {', '.join(DEVICES)}")
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logging: errors only

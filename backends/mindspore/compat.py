@@ -22,8 +22,9 @@ BUCKET_USERS = [
 ]
 
 
-def relative_position_bucket_np(relative_position: np.ndarray, bidirectional: bool = True,
-                                num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+def relative_position_bucket_np(
+    relative_position: np.ndarray, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> np.ndarray:
     """transformers' ``T5Attention._relative_position_bucket``, in numpy float64."""
     rp = relative_position.astype(np.int64)
     buckets = np.zeros_like(rp)
@@ -35,8 +36,11 @@ def relative_position_bucket_np(relative_position: np.ndarray, bidirectional: bo
         rp = -np.minimum(rp, 0)
     max_exact = num_buckets // 2
     with np.errstate(divide="ignore"):
-        large = max_exact + (np.log(rp.astype(np.float64) / max_exact) / math.log(max_distance / max_exact)
-                             * (num_buckets - max_exact))
+        large = max_exact + (
+            np.log(rp.astype(np.float64) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        )
     large = np.minimum(np.where(rp < max_exact, 0, large).astype(np.int64), num_buckets - 1)
     return buckets + np.where(rp < max_exact, rp, large)
 
@@ -44,7 +48,9 @@ def relative_position_bucket_np(relative_position: np.ndarray, bidirectional: bo
 def _bucket_float64(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
     import torch  # mindtorch here
 
-    out = relative_position_bucket_np(relative_position.cpu().numpy(), bidirectional, num_buckets, max_distance)
+    out = relative_position_bucket_np(
+        relative_position.cpu().numpy(), bidirectional, num_buckets, max_distance
+    )
     return torch.tensor(out, dtype=torch.long, device=relative_position.device)
 
 

@@ -114,11 +114,18 @@ def _rms_norm_by_rows(model_forward, torch):
     @functools.lru_cache(maxsize=64)
     def constants(rows, width, device):
         # made once per shape: three small allocations per norm were ~1 ms of every call
-        return (torch.full((width, 1), 1.0 / width, device=device), torch.ones(1, width, device=device),
-                torch.ones(rows, 1, device=device))
+        return (
+            torch.full((width, 1), 1.0 / width, device=device),
+            torch.ones(1, width, device=device),
+            torch.ones(rows, 1, device=device),
+        )
 
     def forward(self, hidden_states):
-        if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32 or hidden_states.ndim < 2:
+        if (
+            hidden_states.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or hidden_states.ndim < 2
+        ):
             return model_forward(self, hidden_states)
         shape, width = hidden_states.shape, hidden_states.shape[-1]
         rows = hidden_states.reshape(-1, width)
@@ -185,7 +192,7 @@ def _permuted(input, perm, as_view):
     return as_view()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _row_gather():
     """A mindspore custom autograd function: rows gathered forward, gathered back for the gradient.
     Built on first use: its base class exists only once MindSpore is imported."""

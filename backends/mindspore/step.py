@@ -159,8 +159,12 @@ class MindSporeBackend(HFBackend):
 
     def rng_state(self):
         # The default generator's state is a bare MindSpore tensor (no mindtorch device): asnumpy().
-        return {"mindtorch": torch.get_rng_state().asnumpy().copy(), "dropout": DROPOUT_RNG.get_state(),
-                "numpy": numpy_state(), "python": python_state()}
+        return {
+            "mindtorch": torch.get_rng_state().asnumpy().copy(),
+            "dropout": DROPOUT_RNG.get_state(),
+            "numpy": numpy_state(),
+            "python": python_state(),
+        }
 
     def set_rng_state(self, state):
         torch.set_rng_state(mindspore.Tensor(np.asarray(state["mindtorch"], dtype=np.uint8)))
@@ -175,16 +179,21 @@ class MindSporeBackend(HFBackend):
     def value_and_grad(self, model, params, batch):
         key = (id(model), len(params))
         if key not in self._grad_fns:
+
             def loss_fn(input_ids, attention_mask, labels, *encoder_outputs):
                 inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
                 if encoder_outputs:
                     inputs["encoder_outputs"] = encoder_outputs
                 return self._forward(model, inputs).loss
 
-            self._grad_fns[key] = (value_and_grad(loss_fn, params, attach_grads=False),
-                                   frozen_encoder(model, params))
+            self._grad_fns[key] = (
+                value_and_grad(loss_fn, params, attach_grads=False),
+                frozen_encoder(model, params),
+            )
         grad_fn, encoder = self._grad_fns[key]
-        hidden = () if encoder is None else encoder_outputs(encoder, batch["input_ids"], batch["attention_mask"])
+        hidden = (
+            () if encoder is None else encoder_outputs(encoder, batch["input_ids"], batch["attention_mask"])
+        )
         loss, grads = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], *hidden)
         # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
         return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
@@ -199,8 +208,13 @@ class MindSporeBackend(HFBackend):
         return grads, norm
 
     def make_optimizer(self, params, optim_spec):
-        return {"params": params, "spec": optim_spec, "step": 0,
-                "m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params]}
+        return {
+            "params": params,
+            "spec": optim_spec,
+            "step": 0,
+            "m": [torch.zeros_like(p) for p in params],
+            "v": [torch.zeros_like(p) for p in params],
+        }
 
     def apply_update(self, optimizer, grads, lr):
         # torch.optim.AdamW's arithmetic (see dualtune.optim.adamw_reference), in-place ops only.
@@ -217,13 +231,20 @@ class MindSporeBackend(HFBackend):
                 denom = (v.sqrt() / bc2_sqrt).add_(spec.eps)
                 p.sub_(m / denom * (lr / bc1))
 
-
     def optimizer_state(self, optimizer):
-        return {"step": optimizer["step"], "exp_avg": [self.to_numpy(m).copy() for m in optimizer["m"]],
-                "exp_avg_sq": [self.to_numpy(v).copy() for v in optimizer["v"]]}
+        return {
+            "step": optimizer["step"],
+            "exp_avg": [self.to_numpy(m).copy() for m in optimizer["m"]],
+            "exp_avg_sq": [self.to_numpy(v).copy() for v in optimizer["v"]],
+        }
 
     def load_optimizer_state(self, optimizer, state):
         optimizer["step"] = int(state["step"])
-        optimizer["m"] = [torch.tensor(np.asarray(a), device=p.device) for a, p in zip(state["exp_avg"], optimizer["params"])]
-        optimizer["v"] = [torch.tensor(np.asarray(a), device=p.device)
-                          for a, p in zip(state["exp_avg_sq"], optimizer["params"])]
+        optimizer["m"] = [
+            torch.tensor(np.asarray(a), device=p.device)
+            for a, p in zip(state["exp_avg"], optimizer["params"])
+        ]
+        optimizer["v"] = [
+            torch.tensor(np.asarray(a), device=p.device)
+            for a, p in zip(state["exp_avg_sq"], optimizer["params"])
+        ]

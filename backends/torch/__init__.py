@@ -10,8 +10,10 @@ from dualtune.backend import BackendError, torch_flavour
 def activate(device: str) -> None:
     """Check that real torch can run here, on ``device``."""
     if torch_flavour() == "mindtorch":
-        raise BackendError("the torch backend cannot start: MindSpore (mindnlp) is already active in this "
-                           "process and `import torch` now means mindtorch; run torch in a separate process")
+        raise BackendError(
+            "the torch backend cannot start: MindSpore (mindnlp) is already active in this "
+            "process and `import torch` now means mindtorch; run torch in a separate process"
+        )
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise BackendError(f"--device {device}: the torch backend runs on cpu or cuda")
     import torch

@@ -27,7 +27,9 @@ class TorchBackend(HFBackend):
     def set_rng_state(self, state):
         torch.set_rng_state(torch.from_numpy(np.asarray(state["cpu"], dtype=np.uint8)))
         if "cuda" in state and self.device.startswith("cuda"):
-            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)), self.torch_device)
+            torch.cuda.set_rng_state(
+                torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)), self.torch_device
+            )
 
     def to_tensors(self, batch):
         return {k: torch.from_numpy(v).to(self.torch_device) for k, v in batch.items()}
@@ -48,8 +50,14 @@ class TorchBackend(HFBackend):
         return grads, float(norm)
 
     def make_optimizer(self, params, optim_spec):
-        return torch.optim.AdamW(params, lr=optim_spec.lr, betas=tuple(optim_spec.betas), eps=optim_spec.eps,
-                                 weight_decay=optim_spec.weight_decay, foreach=True)
+        return torch.optim.AdamW(
+            params,
+            lr=optim_spec.lr,
+            betas=tuple(optim_spec.betas),
+            eps=optim_spec.eps,
+            weight_decay=optim_spec.weight_decay,
+            foreach=True,
+        )
 
     def apply_update(self, optimizer, grads, lr):
         for group in optimizer.param_groups:
@@ -69,12 +77,14 @@ class TorchBackend(HFBackend):
         if self.world()[1] == 1:
             return tensors, scalars
         # One collective for the step: every gradient and the scalars in one flat float32 buffer.
-        flat = torch.cat([t.reshape(-1).float() for t in tensors]
-                         + [torch.tensor(scalars, dtype=torch.float32, device=self.torch_device)])
+        flat = torch.cat(
+            [t.reshape(-1).float() for t in tensors]
+            + [torch.tensor(scalars, dtype=torch.float32, device=self.torch_device)]
+        )
         torch.distributed.all_reduce(flat)
         out, start = [], 0
         for t in tensors:
-            out.append(flat[start: start + t.numel()].view_as(t).to(t.dtype))
+            out.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
             start += t.numel()
         return out, [float(x) for x in flat[start:].tolist()]
 
@@ -82,8 +92,13 @@ class TorchBackend(HFBackend):
         params = optimizer.param_groups[0]["params"]
         states = [optimizer.state.get(p, {}) for p in params]
         step = int(states[0]["step"]) if states and "step" in states[0] else 0
-        moments = {key: [self.to_numpy(s[key]).copy() if key in s else np.zeros(tuple(p.shape), np.float32)
-                         for p, s in zip(params, states)] for key in ("exp_avg", "exp_avg_sq")}
+        moments = {
+            key: [
+                self.to_numpy(s[key]).copy() if key in s else np.zeros(tuple(p.shape), np.float32)
+                for p, s in zip(params, states)
+            ]
+            for key in ("exp_avg", "exp_avg_sq")
+        }
         return {"step": step, **moments}
 
     def load_optimizer_state(self, optimizer, state):
@@ -92,4 +107,5 @@ class TorchBackend(HFBackend):
             optimizer.state[p] = {
                 "step": torch.tensor(float(state["step"]), dtype=torch.float32),
                 "exp_avg": torch.tensor(state["exp_avg"][i], device=p.device),
-                "exp_avg_sq": torch.tensor(state["exp_avg_sq"][i], device=p.device)}
+                "exp_avg_sq": torch.tensor(state["exp_avg_sq"][i], device=p.device),
+            }

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from common import rate
+
 from dualtune.rundir import peak_rss_mb  # stdlib only: costs neither side memory
 
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 import math
 import time
 
-from common import WARMUP_EVAL_BATCHES, WARMUP_STEPS, BenchError, data_settings, load_bench_recipe, timed_steps
+from common import (
+    WARMUP_EVAL_BATCHES,
+    WARMUP_STEPS,
+    BenchError,
+    data_settings,
+    load_bench_recipe,
+    timed_steps,
+)
+
 from dualtune.rundir import peak_rss_mb
 
 
@@ -39,7 +47,9 @@ def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     clock = step_clock()
     records, _ = train(backend, prep, [clock])
     if len(records) != total or len(clock.step_ends) != total:
-        raise BenchError(f"dualtune ran {len(records)} steps, the clock saw {len(clock.step_ends)}; expected {total}")
+        raise BenchError(
+            f"dualtune ran {len(records)} steps, the clock saw {len(clock.step_ends)}; expected {total}"
+        )
     return records, clock
 
 
@@ -57,9 +67,17 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
     backend.set_training(prep.model, False)
     order = datamap.eval_order(prep.eval_set, r.data)
     starts = range(0, max(1, len(order) - bs + 1), bs)
-    picked = sorted({starts[round(k)] for k in np.linspace(0, len(starts) - 1, WARMUP_EVAL_BATCHES + n_batches)})
-    it = datamap.batches(prep.eval_set, bs, tok.pad_token_id, r.data, task,
-                         order=np.concatenate([order[a: a + bs] for a in picked]))
+    picked = sorted(
+        {starts[round(k)] for k in np.linspace(0, len(starts) - 1, WARMUP_EVAL_BATCHES + n_batches)}
+    )
+    it = datamap.batches(
+        prep.eval_set,
+        bs,
+        tok.pad_token_id,
+        r.data,
+        task,
+        order=np.concatenate([order[a : a + bs] for a in picked]),
+    )
     samples, started = 0, None
     for i, np_batch in enumerate(it):
         if i == WARMUP_EVAL_BATCHES:
@@ -96,11 +114,20 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     rss["train"] = peak_rss_mb()
     samples, eval_seconds = timed_eval(backend, prep, cfg["eval_batches"])
     r, tok = prep.recipe, prep.tokenizer
-    return {"data": data_settings(r),
-            "what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
-            **timed_steps(cfg["steps"], clock.step_ends, clock.step_tokens), "peak_rss_mb_by_phase": rss,
-            "eval_samples": samples, "eval_seconds": eval_seconds,
-            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-            "trainable_parameters": sum(prep.trainable.values()), "total_parameters": prep.total_params,
-            "train_batch_shape": list(datamap.collate(prep.train_set, range(r.train.batch_size),
-                                                      tok.pad_token_id, r.data, r.model.task)["input_ids"].shape)}
+    return {
+        "data": data_settings(r),
+        "what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
+        **timed_steps(cfg["steps"], clock.step_ends, clock.step_tokens),
+        "peak_rss_mb_by_phase": rss,
+        "eval_samples": samples,
+        "eval_seconds": eval_seconds,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "trainable_parameters": sum(prep.trainable.values()),
+        "total_parameters": prep.total_params,
+        "train_batch_shape": list(
+            datamap.collate(
+                prep.train_set, range(r.train.batch_size), tok.pad_token_id, r.data, r.model.task
+            )["input_ids"].shape
+        ),
+    }

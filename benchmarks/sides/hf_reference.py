@@ -14,6 +14,7 @@ from common import WARMUP_EVAL_BATCHES, count_tokens, data_settings, load_bench_
 @dataclass
 class ReferenceInputs:
     """The recipe (with --reference), the tokenizer, the encoded train and eval rows, the collator."""
+
     recipe: object
     tok: object
     train_feats: list
@@ -51,18 +52,28 @@ def reference_data(recipe, tok):
     pad_fixed = recipe.data.padding == "max_length"
 
     def encode(part):
-        enc = tok(part.texts, max_length=recipe.data.max_length, truncation=True,
-                  padding="max_length" if pad_fixed else False)
-        feats = [{"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
+        enc = tok(
+            part.texts,
+            max_length=recipe.data.max_length,
+            truncation=True,
+            padding="max_length" if pad_fixed else False,
+        )
+        feats = [
+            {"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"])
+        ]
         if recipe.model.task == "seq2seq":
-            words = [part.label_names[l] for l in part.labels]
-            lab = tok(words, max_length=recipe.data.label_max_length, truncation=True,
-                      padding="max_length" if pad_fixed else False)["input_ids"]
+            words = [part.label_names[item] for item in part.labels]
+            lab = tok(
+                words,
+                max_length=recipe.data.label_max_length,
+                truncation=True,
+                padding="max_length" if pad_fixed else False,
+            )["input_ids"]
             for f, ids in zip(feats, lab):
                 f["labels"] = [t if t != tok.pad_token_id else -100 for t in ids]
         else:
-            for f, l in zip(feats, part.labels):
-                f["labels"] = int(l)
+            for f, label in zip(feats, part.labels):
+                f["labels"] = int(label)
         return feats
 
     return encode(train_rows), encode(eval_rows), rows.label_names
@@ -89,8 +100,11 @@ def reference_model(inputs: ReferenceInputs, path: str, torch_device: str = "cpu
         model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)})
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = inputs.tok.pad_token_id
     model.to(torch_device)
@@ -98,22 +112,44 @@ def reference_model(inputs: ReferenceInputs, path: str, torch_device: str = "cpu
     spec = recipe.peft
     task_type = TaskType.SEQ_2_SEQ_LM if inputs.seq2seq else TaskType.SEQ_CLS
     if spec.method == "prefix":
-        kw = {"encoder_hidden_size": spec.prefix.encoder_hidden_size} if spec.prefix.encoder_hidden_size else {}
-        model = get_peft_model(model, PrefixTuningConfig(
-            task_type=task_type, num_virtual_tokens=spec.prefix.num_virtual_tokens,
-            prefix_projection=spec.prefix.prefix_projection, **kw))
+        kw = (
+            {"encoder_hidden_size": spec.prefix.encoder_hidden_size}
+            if spec.prefix.encoder_hidden_size
+            else {}
+        )
+        model = get_peft_model(
+            model,
+            PrefixTuningConfig(
+                task_type=task_type,
+                num_virtual_tokens=spec.prefix.num_virtual_tokens,
+                prefix_projection=spec.prefix.prefix_projection,
+                **kw,
+            ),
+        )
     elif spec.method == "lora":
         lo = spec.lora
-        model = get_peft_model(model, LoraConfig(task_type=task_type, r=lo.r, lora_alpha=lo.alpha,
-                                                 lora_dropout=lo.dropout, target_modules=lo.target_modules))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=task_type,
+                r=lo.r,
+                lora_alpha=lo.alpha,
+                lora_dropout=lo.dropout,
+                target_modules=lo.target_modules,
+            ),
+        )
     elif spec.method == "bitfit":
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is None and any(
-                    name == s or name.endswith("." + s) for s in spec.bitfit.add_bias_to):
+            if (
+                isinstance(module, torch.nn.Linear)
+                and module.bias is None
+                and any(name == s or name.endswith("." + s) for s in spec.bitfit.add_bias_to)
+            ):
                 module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
         for name, p in model.named_parameters():
             p.requires_grad = any(s in name for s in spec.bitfit.patterns) or any(
-                h in name.split(".") for h in ("classifier", "score"))
+                h in name.split(".") for h in ("classifier", "score")
+            )
         model.to(torch_device)
     if not recipe.train.dropout:
         for module in model.modules():
@@ -140,8 +176,13 @@ def reference_eval(inputs: ReferenceInputs, model, n_batches: int) -> tuple[int,
             if i == WARMUP_EVAL_BATCHES:
                 started = time.perf_counter()
             if inputs.seq2seq:
-                out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=recipe.data.label_max_length, do_sample=False, num_beams=1)
+                out = model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    max_new_tokens=recipe.data.label_max_length,
+                    do_sample=False,
+                    num_beams=1,
+                )
                 tok.batch_decode(out.detach().cpu().numpy(), skip_special_tokens=True)
             else:
                 model(**batch).logits.argmax(-1).cpu().numpy()
@@ -150,12 +191,27 @@ def reference_eval(inputs: ReferenceInputs, model, n_batches: int) -> tuple[int,
     return samples, (time.perf_counter() - started if started is not None else 0.0)
 
 
-def evaluate_and_report(cfg: dict, inputs: ReferenceInputs, model, what: str, step_ends: list[float],
-                        step_tokens: list[int], losses: list[float], rss: dict) -> dict:
+def evaluate_and_report(
+    cfg: dict,
+    inputs: ReferenceInputs,
+    model,
+    what: str,
+    step_ends: list[float],
+    step_tokens: list[int],
+    losses: list[float],
+    rss: dict,
+) -> dict:
     """After training: the plain eval loop, then the side's result."""
     samples, eval_seconds = reference_eval(inputs, model, cfg["eval_batches"])
-    return {"data": data_settings(inputs.recipe), "what": what,
-            **timed_steps(cfg["steps"], step_ends, step_tokens), "peak_rss_mb_by_phase": rss,
-            "eval_samples": samples, "eval_seconds": eval_seconds, "first_loss": losses[0], "last_loss": losses[-1],
-            "trainable_parameters": sum(int(p.numel()) for p in model.parameters() if p.requires_grad),
-            "total_parameters": sum(int(p.numel()) for p in model.parameters())}
+    return {
+        "data": data_settings(inputs.recipe),
+        "what": what,
+        **timed_steps(cfg["steps"], step_ends, step_tokens),
+        "peak_rss_mb_by_phase": rss,
+        "eval_samples": samples,
+        "eval_seconds": eval_seconds,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "trainable_parameters": sum(int(p.numel()) for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(int(p.numel()) for p in model.parameters()),
+    }

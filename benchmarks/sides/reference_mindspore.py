@@ -10,15 +10,23 @@ import os
 import time
 
 from common import WARMUP_STEPS
+
 from dualtune.rundir import peak_rss_mb
-from sides.hf_reference import evaluate_and_report, reference_inputs, reference_model  # no framework at import
+from sides.hf_reference import (
+    evaluate_and_report,
+    reference_inputs,
+    reference_model,
+)  # no framework at import
 
 
 def scheduled_lr(step: int, total: int, recipe) -> float:
     """The schedule by hand, as transformers' linear / constant schedules with warmup (0-based step)."""
     s = recipe.schedule
-    warm = s.warmup_steps if s.warmup_steps is not None else (
-        math.ceil(total * s.warmup_ratio) if s.warmup_ratio is not None else 0)
+    warm = (
+        s.warmup_steps
+        if s.warmup_steps is not None
+        else (math.ceil(total * s.warmup_ratio) if s.warmup_ratio is not None else 0)
+    )
     if step < warm:
         return recipe.optim.lr * step / max(1, warm)
     if s.name == "constant":
@@ -47,7 +55,7 @@ class InPlaceAdamW:
             scale = min(1.0, o.grad_clip / (norm + 1e-6))
             grads = [g * scale for g in grads]
         self.t += 1
-        bc1, bc2_sqrt = 1.0 - b1 ** self.t, math.sqrt(1.0 - b2 ** self.t)
+        bc1, bc2_sqrt = 1.0 - b1**self.t, math.sqrt(1.0 - b2**self.t)
         with torch.no_grad():
             for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
                 p.mul_(1.0 - lr * o.weight_decay)
@@ -67,7 +75,9 @@ def epoch_order(inputs, epoch: int):
     if recipe.train.group_by_length:  # dualtune's data loader's grouping (framework-free)
         from dualtune.data import length_grouped
 
-        order = length_grouped(order, [len(f["input_ids"]) for f in inputs.train_feats], recipe.train.batch_size)
+        order = length_grouped(
+            order, [len(f["input_ids"]) for f in inputs.train_feats], recipe.train.batch_size
+        )
     return order
 
 
@@ -100,7 +110,7 @@ def run_reference_mindspore(cfg: dict) -> dict:
         for start in range(0, len(order), bs):
             if step >= total:
                 break
-            batch = inputs.collator([inputs.train_feats[i] for i in order[start: start + bs]])
+            batch = inputs.collator([inputs.train_feats[i] for i in order[start : start + bs]])
             step_tokens.append(inputs.tokens(batch))
             loss = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
             optimizer.step(scheduled_lr(step, total, recipe))
@@ -109,6 +119,8 @@ def run_reference_mindspore(cfg: dict) -> dict:
             step_ends.append(time.perf_counter())
         epoch += 1
     rss["train"] = peak_rss_mb()
-    what = ("plain mindnlp loop: HF model + peft under mindtorch, mindtorch.autograd.value_and_grad, "
-            "in-place AdamW; plain generate loop")
+    what = (
+        "plain mindnlp loop: HF model + peft under mindtorch, mindtorch.autograd.value_and_grad, "
+        "in-place AdamW; plain generate loop"
+    )
     return evaluate_and_report(cfg, inputs, model, what, step_ends, step_tokens, losses, rss)

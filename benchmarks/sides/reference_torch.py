@@ -9,6 +9,7 @@ import tempfile
 import time
 
 from common import WARMUP_STEPS, BenchError
+
 from dualtune.rundir import peak_rss_mb
 from sides.hf_reference import evaluate_and_report, reference_inputs, reference_model
 
@@ -17,17 +18,35 @@ def training_arguments(recipe, out_dir: str, total: int):
     import transformers
 
     sched = recipe.schedule
-    args_cls = transformers.Seq2SeqTrainingArguments if recipe.model.task == "seq2seq" else transformers.TrainingArguments
+    args_cls = (
+        transformers.Seq2SeqTrainingArguments
+        if recipe.model.task == "seq2seq"
+        else transformers.TrainingArguments
+    )
     return args_cls(
-        output_dir=out_dir, per_device_train_batch_size=recipe.train.batch_size, max_steps=total,
-        learning_rate=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
-        adam_beta1=recipe.optim.betas[0], adam_beta2=recipe.optim.betas[1], adam_epsilon=recipe.optim.eps,
+        output_dir=out_dir,
+        per_device_train_batch_size=recipe.train.batch_size,
+        max_steps=total,
+        learning_rate=recipe.optim.lr,
+        weight_decay=recipe.optim.weight_decay,
+        adam_beta1=recipe.optim.betas[0],
+        adam_beta2=recipe.optim.betas[1],
+        adam_epsilon=recipe.optim.eps,
         max_grad_norm=recipe.optim.grad_clip or 0.0,  # 0: no clipping, as the recipe
         lr_scheduler_type="linear" if sched.name == "linear" else "constant_with_warmup",
-        warmup_steps=sched.warmup_steps or 0, warmup_ratio=sched.warmup_ratio or 0.0,
-        seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
-        remove_unused_columns=False, group_by_length=recipe.train.group_by_length)
+        warmup_steps=sched.warmup_steps or 0,
+        warmup_ratio=sched.warmup_ratio or 0.0,
+        seed=recipe.train.seed,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        remove_unused_columns=False,
+        group_by_length=recipe.train.group_by_length,
+    )
 
 
 def run_reference_torch(cfg: dict) -> dict:
@@ -56,12 +75,19 @@ def run_reference_torch(cfg: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as out_dir:
         args = training_arguments(inputs.recipe, out_dir, total)
-        trainer = CountingTrainer(model=model, args=args, train_dataset=inputs.train_feats,
-                                  data_collator=inputs.collator, callbacks=[Clock()])
+        trainer = CountingTrainer(
+            model=model,
+            args=args,
+            train_dataset=inputs.train_feats,
+            data_collator=inputs.collator,
+            callbacks=[Clock()],
+        )
         trainer.train()
     rss["train"] = peak_rss_mb()
     if len(step_ends) != total:
         raise BenchError(f"the Trainer ran {len(step_ends)} steps, expected {total}")
-    what = (f"transformers.{trainer_cls.__name__} + peft (optim {getattr(args.optim, 'value', args.optim)}), "
-            "plain generate loop")
+    what = (
+        f"transformers.{trainer_cls.__name__} + peft (optim {getattr(args.optim, 'value', args.optim)}), "
+        "plain generate loop"
+    )
     return evaluate_and_report(cfg, inputs, model, what, step_ends, step_tokens, losses, rss)

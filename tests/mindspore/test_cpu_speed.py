@@ -36,8 +36,9 @@ def test_linear_as_matmul_matches_numpy_with_gradients(ms, shape, bias):
     out = torch.nn.functional.linear(inputs, weight, bias_t)
     np.testing.assert_allclose(out.numpy(), x @ w.T + (b if bias else 0), rtol=1e-5, atol=1e-5)
     # d(sum(linear))/dW = sum of input rows, per output row; d/db = number of rows
-    step = value_and_grad(lambda *_: torch.nn.functional.linear(inputs, weight, bias_t).sum(), params,
-                          attach_grads=False)
+    step = value_and_grad(
+        lambda *_: torch.nn.functional.linear(inputs, weight, bias_t).sum(), params, attach_grads=False
+    )
     _, grads = step()
     rows = x.reshape(-1, 7)
     np.testing.assert_allclose(grads[0].asnumpy(), np.tile(rows.sum(0), (4, 1)), rtol=1e-5, atol=1e-5)
@@ -72,7 +73,9 @@ def _value_and_grads(fn, *arrays):
     return value, [g.asnumpy() for g in grads]
 
 
-@pytest.mark.parametrize("how", ["transpose(1, 2)", "permute(0, 2, 1, 3)", "permute(2, 0, 1, 3)", "swapaxes(0, 1)"])
+@pytest.mark.parametrize(
+    "how", ["transpose(1, 2)", "permute(0, 2, 1, 3)", "permute(2, 0, 1, 3)", "swapaxes(0, 1)"]
+)
 def test_transposes_keeping_the_last_axis_are_row_gathers_with_gradients(ms, how):
     from mindtorch._apis import cpu
 
@@ -98,7 +101,9 @@ def test_transposes_keeping_the_last_axis_are_row_gathers_with_gradients(ms, how
     out = moved(torch.tensor(x, dtype=torch.float32))
     np.testing.assert_array_equal(out.numpy(), x.astype(np.float32).transpose(perm))
     # d(sum(w' * moved(x)))/dx = w' moved back
-    value, (grad,) = _value_and_grads(lambda t: (moved(t) * torch.tensor(weight, dtype=torch.float32)).sum(), x)
+    value, (grad,) = _value_and_grads(
+        lambda t: (moved(t) * torch.tensor(weight, dtype=torch.float32)).sum(), x
+    )
     assert float(value) == pytest.approx(float((x.transpose(perm) * weight).sum()), rel=1e-5)
     np.testing.assert_allclose(grad, w, rtol=1e-6)
 
@@ -109,7 +114,9 @@ def test_matmul_by_a_transposed_view_with_gradients(ms, shape):
 
     rng = np.random.default_rng(3)
     q, k = rng.normal(size=shape), rng.normal(size=shape[:-2] + (6, shape[-1]))
-    out = torch.matmul(torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32).transpose(-1, -2))
+    out = torch.matmul(
+        torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32).transpose(-1, -2)
+    )
     np.testing.assert_allclose(out.numpy(), q @ np.swapaxes(k, -1, -2), rtol=1e-5, atol=1e-5)
     # d(sum(q k^T))/dq = row sums of k, broadcast; d/dk = row sums of q
     _, (grad_q, grad_k) = _value_and_grads(lambda a, b: torch.matmul(a, b.transpose(-1, -2)).sum(), q, k)

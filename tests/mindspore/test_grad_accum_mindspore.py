@@ -13,10 +13,22 @@ from helpers import RECIPES
 
 
 def losses(ms, model_dir, data, recipe_file, batch_size, accum, extra):
-    recipe = load_recipe(RECIPES / recipe_file, [
-        f"model.name_or_path={model_dir}", f"data.source={data}", "train.dropout=false", "train.max_steps=4",
-        "train.eval_every=1000", f"train.batch_size={batch_size}", f"train.grad_accum_steps={accum}",
-        "optim.lr=1e-2", "schedule.warmup_ratio=null", "data.max_rows=52", *extra])  # 41 train rows: 16+16+9
+    recipe = load_recipe(
+        RECIPES / recipe_file,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.source={data}",
+            "train.dropout=false",
+            "train.max_steps=4",
+            "train.eval_every=1000",
+            f"train.batch_size={batch_size}",
+            f"train.grad_accum_steps={accum}",
+            "optim.lr=1e-2",
+            "schedule.warmup_ratio=null",
+            "data.max_rows=52",
+            *extra,
+        ],
+    )  # 41 train rows: 16+16+9
     records, _ = train(ms, prepare(recipe, ms))
     return np.array([r["loss"] for r in records])
 

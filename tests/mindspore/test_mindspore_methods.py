@@ -26,7 +26,9 @@ def test_weighted_loss_equals_hand_computation(ms, tiny_bert, fin_data):
     weights = np.array([0.5, 2.0, 1.25])
     recipe, overrides = method_overrides("bert", "ia3", tiny_bert, fin_data)
     prep = prepared(ms, recipe, *overrides, f"loss.class_weights={weights.tolist()}")
-    np_batch = next(datamap.batches(prep.train_set, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification"))
+    np_batch = next(
+        datamap.batches(prep.train_set, 8, prep.tokenizer.pad_token_id, prep.recipe.data, "classification")
+    )
     ms.set_training(prep.model, False)
     loss, logits = ms.eval_batch(prep.model, ms.to_tensors(np_batch))
     labels = np_batch["labels"]

@@ -23,14 +23,34 @@ def train_losses(out) -> list[float]:
 def runs(tiny_bert, fin_data, tmp_path_factory):
     """Three steps of LoRA on the tiny BERT (LoRA dropout and BERT's dropouts on, as by default):
     twice with seed 42, once with seed 7, once with dropout off. name -> (losses, adapter bytes)."""
-    overrides = [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-                 "schedule.warmup_ratio=null", "train.max_steps=3", "train.eval_every=1000"]
+    overrides = [
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "schedule.warmup_ratio=null",
+        "train.max_steps=3",
+        "train.eval_every=1000",
+    ]
     root = tmp_path_factory.mktemp("reproducible")
     result = {}
-    for name, extra in {"a": [], "b": [], "seed7": ["train.seed=7"], "no_dropout": ["train.dropout=false"]}.items():
+    for name, extra in {
+        "a": [],
+        "b": [],
+        "seed7": ["train.seed=7"],
+        "no_dropout": ["train.dropout=false"],
+    }.items():
         out = root / name
-        dualtune_cli("run", str(RECIPES / "minilm_demo.yaml"), "--backend", "mindspore", "--output-dir", str(out),
-                     "--no-progress", *overrides, *extra)
+        dualtune_cli(
+            "run",
+            str(RECIPES / "minilm_demo.yaml"),
+            "--backend",
+            "mindspore",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *overrides,
+            *extra,
+        )
         result[name] = (train_losses(out), (out / "adapter" / "adapter_model.safetensors").read_bytes())
     return result
 

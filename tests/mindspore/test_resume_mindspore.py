@@ -29,16 +29,38 @@ pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 
 RECIPE = str(RECIPES / "minilm_demo.yaml")
 STEPS = 12
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "GLOG_v": "3",
-       "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GLOG_v": "3",
+    "HF_HUB_OFFLINE": "1",
+}
 SAME_STACK_REL = 1e-5
 
 
 def start(out: Path, backend: str, *extra: str) -> subprocess.Popen:
     err = open(f"{out}.{backend}.{time.monotonic_ns()}.stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "dualtune.cli", "run", RECIPE, "--backend", backend,
-                             "--output-dir", str(out), "--no-progress", *extra],
-                            stdout=subprocess.DEVNULL, stderr=err, text=True, env=ENV, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dualtune.cli",
+            "run",
+            RECIPE,
+            "--backend",
+            backend,
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
     proc.err_file = err
     return proc
 
@@ -75,8 +97,9 @@ def stop_after(proc: subprocess.Popen, out: Path, step: int, sig=signal.SIGTERM,
     deadline = time.monotonic() + timeout
     while max(losses(metrics.parent), default=0) < step:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}:\n"
-                                 f"{finish(proc).stderr[-3000:]}")
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before step {step}:\n{finish(proc).stderr[-3000:]}"
+            )
         assert time.monotonic() < deadline, f"no step {step} in {metrics} after {timeout} s"
         time.sleep(0.01)
     os.kill(proc.pid, sig)
@@ -99,16 +122,25 @@ def checkpoint_backend(run: Path) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def runs(tiny_bert, fin_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("resume_ms")
-    base = [f"model.name_or_path={tiny_bert}", f"data.source={fin_data}", "data.max_rows=null",
-            "schedule.warmup_ratio=null", f"train.max_steps={STEPS}", "train.save_every=2", "train.eval_every=5"]
+    base = [
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "schedule.warmup_ratio=null",
+        f"train.max_steps={STEPS}",
+        "train.save_every=2",
+        "train.eval_every=5",
+    ]
     no_dropout = [*base, "train.dropout=false"]
     r: dict = {"root": root}
 
     # Round 1: the references, and the runs to stop, side by side.
-    procs = {"ms_ref": start(root / "ms_ref", "mindspore", *base),
-             "ms_stop": start(root / "ms", "mindspore", *base),
-             "torch_ref": start(root / "torch_ref", "torch", *no_dropout),
-             "chain_1": start(root / "chain", "torch", *no_dropout)}
+    procs = {
+        "ms_ref": start(root / "ms_ref", "mindspore", *base),
+        "ms_stop": start(root / "ms", "mindspore", *base),
+        "torch_ref": start(root / "torch_ref", "torch", *no_dropout),
+        "chain_1": start(root / "chain", "torch", *no_dropout),
+    }
     with ThreadPoolExecutor(2) as pool:  # the torch run is fast: watch both at once
         ms_stop = pool.submit(stop_after, procs.pop("ms_stop"), root / "ms", 3)
         chain_1 = pool.submit(stop_after, procs.pop("chain_1"), root / "chain", 2)
@@ -175,5 +207,6 @@ def test_cross_stack_resume_both_ways_continues_the_torch_run(runs):
     assert final["backend"] == "torch" and final["resumed"] is True and final["steps"] == STEPS
     marker = json.loads((root / "chain" / ".dualtune-run").read_text())
     assert marker["status"] == "finished"
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith("chain") and not p.name.endswith("stderr")) \
-        == ["chain"]
+    assert sorted(
+        p.name for p in root.iterdir() if p.name.startswith("chain") and not p.name.endswith("stderr")
+    ) == ["chain"]

@@ -6,20 +6,43 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from helpers import RECIPES, dualtune_cli
 
 optuna = pytest.importorskip("optuna")
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "GLOG_v": "3", "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GLOG_v": "3",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 def test_two_trial_sweep_on_mindspore(tiny_bert, fin_data, tmp_path):
     out = tmp_path / "sweep"
-    proc = dualtune_cli("sweep", str(RECIPES / "minilm_demo.yaml"), "--space",
-                        str(RECIPES / "spaces" / "lora_seed001.yaml"), "--trials", "2", "--out", str(out),
-                        "--backend", "mindspore", f"model.name_or_path={tiny_bert}", f"data.source={fin_data}",
-                        "data.max_rows=null", "train.max_steps=2", "train.eval_every=1", env=ENV)
-    trials = optuna.load_study(study_name="minilm_demo", storage=f"sqlite:///{out / 'optuna.db'}").get_trials()
+    proc = dualtune_cli(
+        "sweep",
+        str(RECIPES / "minilm_demo.yaml"),
+        "--space",
+        str(RECIPES / "spaces" / "lora_seed001.yaml"),
+        "--trials",
+        "2",
+        "--out",
+        str(out),
+        "--backend",
+        "mindspore",
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=2",
+        "train.eval_every=1",
+        env=ENV,
+    )
+    trials = optuna.load_study(
+        study_name="minilm_demo", storage=f"sqlite:///{out / 'optuna.db'}"
+    ).get_trials()
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     for t in trials:
         assert sorted(t.intermediate_values) == [1, 2]  # the in-loop evaluations reached the pruner

@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import RECIPES
 from test_tracking import ALL, check_all_trackers, overrides
+
+from helpers import RECIPES
 
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT")
 
@@ -51,14 +52,15 @@ def test_all_trackers_on_mindspore(ms, tiny_bert, fin_data, tmp_path, monkeypatc
 
 def test_trackers_import_no_real_torch_in_a_fresh_mindspore_process():
     """mindspore and mindnlp first, then each tracker library and what dualtune uses of it."""
-    code = ("import mindspore, mindnlp\n"
-            "import tensorboardX, mlflow, wandb\n"
-            "from tensorboardX import SummaryWriter\n"
-            "from mlflow.tracking import MlflowClient\n"
-            "from mlflow.entities import Metric, Param\n"
-            "import dualtune.tracking\n"
-            "import torch\n" + REAL_TORCH_CHECK +
-            "print(torch.__file__)\nprint(loaded)\n")
+    code = (
+        "import mindspore, mindnlp\n"
+        "import tensorboardX, mlflow, wandb\n"
+        "from tensorboardX import SummaryWriter\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "from mlflow.entities import Metric, Param\n"
+        "import dualtune.tracking\n"
+        "import torch\n" + REAL_TORCH_CHECK + "print(torch.__file__)\nprint(loaded)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch_file, loaded = proc.stdout.strip().splitlines()[-2:]
