@@ -355,3 +355,12 @@ def test_report_on_a_real_run(runs, fake_runs):
     assert float(row["peak_rss_mb"]) == final["peak_rss_mb"] > 0
     t5 = json.loads((runs["t5"] / "final_metrics.json").read_text())
     assert rows[1]["metric"] == "exact_match" and float(rows[1]["score"]) == t5["exact_match"]
+
+
+def test_eval_and_predict_of_a_trained_run_say_nothing_about_untrained_weights(runs):
+    # transformers warns that the base model's fresh head is "newly initialized ... You should
+    # probably TRAIN": not true of a run whose trained head replaces it.
+    ev = dualtune_cli("eval", str(runs["bert"]), "--backend", "torch")
+    pred = dualtune_cli("predict", str(runs["bert"]), "Sales rose .", "--backend", "torch")
+    for proc in (ev, pred):
+        assert "newly initialized" not in proc.stderr and "You should probably TRAIN" not in proc.stderr

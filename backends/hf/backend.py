@@ -213,7 +213,14 @@ class HFBackend(Backend):
         if peft_spec.method == "none":
             spec = model_spec.model_copy(update={"name_or_path": directory})
             return self.load_model(spec, label_names, tokenizer)
-        model = self.load_model(model_spec, label_names, tokenizer)
+        # The base model's fresh head is about to be replaced by the trained one: transformers'
+        # "newly initialized ... You should probably TRAIN this model" is not true here.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model = self.load_model(model_spec, label_names, tokenizer)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         if peft_spec.method in PEFT_LIBRARY_METHODS:
             from peft import PeftModel
 

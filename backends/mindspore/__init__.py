@@ -41,6 +41,8 @@ def activate(device: str) -> None:
     # huggingface.co, as everywhere else) and leave the environment as we found it.
     user_endpoint = os.environ.get("HF_ENDPOINT")
     os.environ["HF_ENDPOINT"] = user_endpoint or "https://huggingface.co"
+    # mindnlp imports diffusers, whose "Modular Diffusers is ... experimental" notice is not ours.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import mindnlp  # noqa: F401  (the redirect)
 
     if user_endpoint is None:
@@ -56,7 +58,8 @@ def create(device: str = "cpu"):
 
     # DUALTUNE_MINDSPORE_COMPAT=0 runs mindtorch as it is: to see what a correction is worth.
     if os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") != "0":
-        log.info("mindtorch corrections: %s", ", ".join(compat.apply()) or "none needed")
+        # Installed for every model that could need them; not news on a run that does not (BERT).
+        log.debug("mindtorch corrections: %s", ", ".join(compat.apply()) or "none needed")
     else:
         log.warning("mindtorch corrections OFF (DUALTUNE_MINDSPORE_COMPAT=0): numbers may differ from torch")
     from dualtune.backends.mindspore.step import MindSporeBackend

@@ -239,3 +239,24 @@ def test_frozen_encoder_gives_the_same_loss_and_gradients(ms, tiny_t5, fin_data,
     assert any(np.abs(ms.to_numpy(g)).max() > 0 for g in grads)
     for g, w in zip(grads, whole_grads):
         np.testing.assert_allclose(ms.to_numpy(g), ms.to_numpy(w), rtol=1e-6, atol=1e-9)
+
+
+def test_a_run_and_its_eval_say_only_what_concerns_them(tmp_path, tiny_bert, fin_data):
+    out = tmp_path / "run"
+    run = dualtune_cli(
+        "run",
+        str(RECIPES / "minilm_demo.yaml"),
+        "--backend",
+        "mindspore",
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "train.max_steps=2",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    )
+    for noise in ("Modular Diffusers", "mindtorch corrections", "T5Attention"):
+        assert noise not in run.stderr
+    ev = dualtune_cli("eval", str(out), "--backend", "mindspore")
+    assert "newly initialized" not in ev.stderr and "You should probably TRAIN" not in ev.stderr
