@@ -198,7 +198,10 @@ def test_nan_run_leaves_good_run_untouched(t5_runs, tiny_t5, fin_data, tmp_path)
     shutil.copytree(t5_runs["lora"], good)
     before = tree(good)
     # lr 1e30: the first update sends the weights to +-inf, the loss of step 2 is nan
-    proc = run_cli_parallel({"nan": run_args("lora", tiny_t5, fin_data, good, "optim.lr=1e30")})["nan"]
+    # --overwrite: it may replace the good run, but only if it finishes
+    proc = run_cli_parallel(
+        {"nan": run_args("lora", tiny_t5, fin_data, good, "optim.lr=1e30", "--overwrite")}
+    )["nan"]
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
         "dualtune: error: loss is nan at step 2; lower optim.lr or set optim.grad_clip"

@@ -197,7 +197,8 @@ def test_bert_lora(backend, tiny_bert, fin_data):
     lo = prep.recipe.peft.lora
     base = base_bert(tiny_bert)
     targets = linears(base, lo.target_modules)
-    assert len(targets) == 4  # query and value of 2 layers
+    # query, key, value and the 3 dense layers of 2 layers, and the pooler's dense (suffix match)
+    assert len(targets) == 13
     expected = sum(lo.r * (m.in_features + m.out_features) for m in targets.values()) + head_size(base)
     assert sum(prep.trainable.values()) == expected == peft_count(prep)
     heads = {n for n in prep.trainable if "classifier.modules_to_save" in n}

@@ -109,8 +109,8 @@ def test_plan_counts(tiny_bert, fin_data, tmp_path):
     train, evaluation = datamap.split_rows(rows, 0.8, 42)
     assert plan.rows == {"all": 200, "train": 160, "eval": 40}
     assert list(plan.class_counts["eval"].values()) == np.bincount(evaluation.labels, minlength=3).tolist()
-    assert (plan.steps_per_epoch, plan.total_steps) == (10, 20)
-    assert plan.eval_points == [10, 20]
+    assert (plan.steps_per_epoch, plan.total_steps) == (10, 30)  # the demo's 3 epochs
+    assert plan.eval_points == [10, 20, 30]
     assert plan.model_parameters > 0 and plan.max_positions == 256
     assert plan.input_tokens["padded"] <= 64
 

@@ -173,6 +173,7 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data, recipe):
         "classification_report.json",
         "confusion_matrix.png",
         "final_metrics.json",
+        "loss_curve.png",
         "metrics.jsonl",
         "predictions.jsonl",
         "recipe.yaml",
