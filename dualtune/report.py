@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from dualtune.errors import RunDirError
-from dualtune.rundir import read_marker
+from dualtune.rundir import read_marker, run_status
 
 FORMATS = ("text", "markdown", "csv")
 # (key, text/markdown header, format for text and markdown; csv writes the raw value)
@@ -73,10 +73,7 @@ def run_row(run_dir: str | Path) -> dict:
         raise RunDirError(f"{run_dir}: no such directory")
     marker = read_marker(run_dir)
     if marker is not None and marker.get("status") != "finished":
-        step = f" at step {marker['step']}" if marker.get("step") else ""
-        raise RunDirError(
-            f"{run_dir}: an unfinished run ({marker.get('status')}{step}); report reads finished runs"
-        )
+        raise RunDirError(f"{run_dir}: an unfinished run ({run_status(marker)}); report reads finished runs")
     final = _read(run_dir / "final_metrics.json", json.loads)
     trainable = _read(run_dir / "trainable.json", json.loads)
     recipe = _read(run_dir / "recipe.yaml", yaml.safe_load)

@@ -67,6 +67,12 @@ def read_marker(directory: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def run_status(marker: dict) -> str:
+    """What a marker says of its run, for messages: "interrupted at step 12", "failed", "finished"."""
+    step = f" at step {marker['step']}" if marker.get("step") else ""
+    return f"{marker.get('status')}{step}"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -24,16 +24,16 @@ from dualtune.prepare import Prepared, class_weights, prepare, prepare_data
 from dualtune.recipe import Recipe, load_recipe
 from dualtune.report import plot_curves
 from dualtune.rundir import (
-    MARKER,
     RunDir,
     RunInterrupted,
     TargetLock,
     check_target,
-    free_name,
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
     peak_rss_mb,
     read_marker,
+    run_status,
     save_checkpoint,
     unfinished_runs,
     write_atomic,
@@ -122,7 +122,7 @@ def check_leftovers(target: Path) -> None:
         if u.checkpoint is not None:
             raise RunDirError(
                 f"{u.path}: an unfinished run of this output ({u.why}, checkpoint at step "
-                f"{int(u.checkpoint.name.rsplit('-', 1)[1])}); continue it with --resume, or "
+                f"{checkpoint_step(u.checkpoint)}); continue it with --resume, or "
                 f"remove it to start over"
             )
         if u.path.name.endswith(".failed"):
@@ -556,9 +556,8 @@ def check_finished(run_dir: str | Path, checkpoint: str | Path | None = None) ->
         hint = (
             f"evaluate its checkpoint on purpose with --checkpoint {ckpt}" if ckpt else "it has no checkpoint"
         )
-        step = f" at step {marker['step']}" if marker.get("step") else ""
         raise RunDirError(
-            f"{run_dir}: an unfinished run ({marker.get('status')}{step}), whose adapter/ is a "
+            f"{run_dir}: an unfinished run ({run_status(marker)}), whose adapter/ is a "
             f"mid-training snapshot; resume it with dualtune run RECIPE --resume {run_dir}, or {hint}"
         )
     if not (run_dir / "adapter").is_dir():
@@ -601,11 +600,9 @@ def evaluate_run(
 
 
 __all__ = [
-    "MARKER",
     "check_finished",
     "check_output",
     "evaluate_run",
-    "free_name",
     "output_dir",
     "run_recipe",
 ]
