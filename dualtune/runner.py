@@ -160,10 +160,12 @@ def check_output(
 
 
 class SignalStop(Callback):
-    """SIGTERM, SIGHUP and SIGINT end the run after the current step (a second one at once)."""
+    """SIGTERM, SIGHUP and SIGINT end the run after the current step (a second one at once). After
+    the last step the run is finished instead: its final evaluation takes seconds, a resume would not."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.trained = False  # the loop is over: a signal now lets the run finish
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -181,16 +183,21 @@ class SignalStop(Callback):
         if self.received is not None:
             raise KeyboardInterrupt  # asked twice: stop now
         self.received = signum
-        log.warning(
-            "%s: finishing this step, then a checkpoint (send it again to stop at once)",
-            signal.Signals(signum).name,
+        what = (
+            "training is done; finishing the final evaluation and the run directory"
+            if self.trained
+            else "finishing this step, then a checkpoint"
         )
+        log.warning("%s: %s (send it again to stop at once)", signal.Signals(signum).name, what)
 
     def on_step_begin(self, state: LoopState) -> None:
         self._check(state)
 
     def on_step_end(self, state: LoopState, record: dict) -> None:
         self._check(state)
+
+    def on_train_end(self, state: LoopState, records: list[dict]) -> None:
+        self.trained = True
 
     def _check(self, state: LoopState) -> None:
         if self.received is not None:

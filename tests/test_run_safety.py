@@ -198,10 +198,21 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
         "train.early_stopping_patience=1",
         "train.save_every=null",
     )
-    for name, (sig, step) in victims.items():
-        wait_for_step(procs[name], runs / name, step)
-        os.kill(procs[name].pid, sig)
-        w[f"{name}_pid"] = procs[name].pid
+    # Watch all victims at once: waiting for one after another lets a later one run past its step
+    # (on a quiet machine the whole run takes 4 s) and finish before its signal.
+    pending = dict(victims)
+    deadline = time.monotonic() + 600
+    while pending:
+        for name, (sig, step) in list(pending.items()):
+            metrics = runs / f"{name}.partial-{procs[name].pid}" / "metrics.jsonl"
+            if max(steps_logged(metrics), default=0) >= step:
+                os.kill(procs[name].pid, sig)
+                w[f"{name}_pid"] = procs[name].pid
+                del pending[name]
+            elif procs[name].poll() is not None:
+                raise AssertionError(f"{name} ended (exit {procs[name].returncode}) before step {step}")
+        assert time.monotonic() < deadline, f"no signal step reached by {sorted(pending)}"
+        time.sleep(0.005)
     w["round1"] = {name: finish(proc) for name, proc in procs.items()}
     w["leftovers"] = {
         name: sorted(p.name for p in runs.iterdir() if p.name.startswith(f"{name}.")) for name in victims
@@ -542,3 +553,21 @@ def test_early_stopping_keeps_the_best_step(world):
     assert f"early stopping at step {final['steps']}: eval_loss has not improved" in proc.stderr
     log = (run / "run.log").read_text()
     assert "early stopping at step" in log and f"keeping the adapter of step {best['step']}" in log
+
+
+def test_a_signal_after_the_last_step_lets_the_run_finish_and_says_so(caplog):
+    from dualtune.callbacks import LoopState
+    from dualtune.runner import SignalStop
+
+    during, after = SignalStop(), SignalStop()
+    during._handle(signal.SIGINT, None)
+    after.on_train_end(LoopState(total_steps=1, steps_per_epoch=1), [])
+    with caplog.at_level("WARNING", logger="dualtune"):
+        after._handle(signal.SIGTERM, None)
+    assert caplog.messages[-1] == (
+        "SIGTERM: training is done; finishing the final evaluation and the run directory "
+        "(send it again to stop at once)"
+    )
+    state = LoopState(total_steps=2, steps_per_epoch=2)
+    during.on_step_end(state, {})
+    assert state.stop and during.received == signal.SIGINT
