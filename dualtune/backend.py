@@ -31,9 +31,22 @@ import numpy as np
 
 from dualtune.errors import BackendError
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "FrameworkStep", "get_backend", "torch_flavour"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendError",
+    "FrameworkStep",
+    "check_precision",
+    "get_backend",
+    "torch_flavour",
+]
 
 BACKENDS = ("torch", "mindspore")
+# train.precision values each backend trains in. MindSpore: fp32 only. Measured on MindSpore 2.7.0:
+# its CPU MatMul has no bfloat16 or float16 kernel ("Select CPU operator[MatMul] fail"), also under
+# mindtorch's autocast; mixed precision on Ascend/GPU is not built (nothing here could test it).
+PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "mindspore": ("fp32",)}
 _active: Backend | None = None
 
 Tensor = Any  # a framework tensor; the core never looks inside one
@@ -46,6 +59,9 @@ class FrameworkStep(ABC):
 
     name: str  # "torch", "mindspore": the --backend value
     device: str  # the --device value this backend was created for ("cpu", "cuda:0", "ascend")
+    # train.precision (set by dualtune.prepare before the model loads): "bf16"/"fp16" autocast the
+    # forward and loss in value_and_grad; parameters, gradients and AdamW's state stay float32.
+    precision: str = "fp32"
 
     @abstractmethod
     def seed(self, seed: int) -> None:
@@ -70,6 +86,12 @@ class FrameworkStep(ABC):
     def value_and_grad(self, model: Any, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """The loss of ``model`` on ``batch`` (a scalar tensor) and its gradients with respect to
         ``params``, in the same order. Nothing else is updated or accumulated."""
+
+    def unscale_grads(self, optimizer: Any, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
+        """fp16's loss scaling undone (called after the step's gradients are summed, before
+        clipping): the gradients of the unscaled loss, and False when one overflowed; the following
+        ``apply_update`` then changes nothing and lowers the scale. No loss scaling: (``grads``, True)."""
+        return grads, True
 
     @abstractmethod
     def clip_grads(self, grads: list[Tensor], max_norm: float | None) -> tuple[list[Tensor], float]:
@@ -112,6 +134,11 @@ class FrameworkStep(ABC):
 class Backend(FrameworkStep):
     """Everything the core calls. ``dualtune.backends.hf.HFBackend`` implements all but the
     ``FrameworkStep`` methods for Hugging Face models."""
+
+    def peak_device_memory_mb(self) -> float | None:
+        """The accelerator's peak allocated memory in this process so far (MiB), or None where the
+        framework reports none (CPU)."""
+        return None
 
     # -- tensors
     @abstractmethod
@@ -199,6 +226,25 @@ def torch_flavour() -> str | None:
     if module is None:
         return "mindtorch" if "mindnlp" in sys.modules else None
     return "mindtorch" if "mindtorch" in (getattr(module, "__file__", None) or "") else "torch"
+
+
+def check_precision(backend: str, device: str, precision: str) -> None:
+    """``train.precision`` must be one ``backend`` trains in: one line otherwise (before any model loads)."""
+    if precision in PRECISIONS.get(backend, (precision,)):
+        return
+    if backend == "mindspore":
+        why = (
+            "MindSpore's CPU MatMul has no bfloat16/float16 kernel"
+            if device == "cpu"
+            else f"mixed precision on {device} is not built yet"
+        )
+        raise BackendError(
+            f"train.precision {precision}: the mindspore backend trains in fp32 only ({why}); "
+            f"use train.precision=fp32 or --backend torch"
+        )
+    raise BackendError(
+        f"train.precision {precision}: the {backend} backend trains in {', '.join(PRECISIONS[backend])}"
+    )
 
 
 def get_backend(name: str | None = None, device: str = "cpu") -> Backend:

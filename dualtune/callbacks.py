@@ -36,6 +36,7 @@ class LoopState:
     stop: bool = False  # a callback sets it to end training after this step
     stop_reason: str = ""
     last_eval: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed, so the update was skipped
 
 
 class Callback:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dualtune import data as datamap
-from dualtune.backend import Backend
+from dualtune.backend import Backend, check_precision
 from dualtune.errors import DataError
 from dualtune.recipe import Recipe, is_head_parameter
 
@@ -51,6 +51,8 @@ def prepare_data(recipe: Recipe, backend: Backend) -> tuple[Any, list[str], data
 
 
 def prepare(recipe: Recipe, backend: Backend) -> Prepared:
+    check_precision(backend.name, backend.device, recipe.train.precision)
+    backend.precision = recipe.train.precision
     tokenizer, label_names, enc_train, enc_eval = prepare_data(recipe, backend)
     task = recipe.model.task
     backend.seed(recipe.train.seed)

@@ -203,6 +203,9 @@ class TrainSpec(_Strict):
     log_every: int = Field(default=1, ge=1)
     generate: bool = True  # seq2seq: also evaluate by generating label text
     dropout: bool = True  # false: every dropout off (backends cannot share dropout masks)
+    # bf16/fp16: the forward and loss autocast to that type; weights, gradients and AdamW's state stay
+    # float32. fp16 scales the loss (dynamic) and skips steps whose gradients overflow.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Keep the adapter from the evaluation with the best value of this metric (eval_loss is
     # minimised, the rest maximised); None keeps the last. Evaluations then run in full.
     best_metric: str | None = None

@@ -27,6 +27,7 @@ COLUMNS = [
     ("trainable_percent", "trainable %", "{:.4f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("peak_rss_mb", "peak MB", "{:.0f}"),
+    ("peak_device_memory_mb", "device MB", "{:.0f}"),
     ("steps", "steps", "{}"),
 ]
 
@@ -43,6 +44,8 @@ CSV_KEYS = [
     "trainable_percent",
     "train_seconds",
     "peak_rss_mb",
+    "peak_device_memory_mb",
+    "precision",
     "steps",
 ]
 
@@ -96,6 +99,8 @@ def run_row(run_dir: str | Path) -> dict:
         "trainable_percent": 100.0 * n_train / total if n_train is not None and total else None,
         "train_seconds": final.get("train_seconds"),
         "peak_rss_mb": final.get("peak_rss_mb"),
+        "peak_device_memory_mb": final.get("peak_device_memory_mb"),
+        "precision": final.get("precision"),
         "steps": final.get("steps"),
     }
 

@@ -504,6 +504,9 @@ def _run_in(
             "trainable_parameters": sum(prep.trainable.values()),
             "total_parameters": prep.total_params,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_device_memory_mb": backend.peak_device_memory_mb(),
+            "precision": recipe.train.precision,
+            "skipped_steps": state.skipped_steps,
             **metrics,
         }
         write_json(run.path / "final_metrics.json", final)

@@ -171,8 +171,10 @@ def train(
             ]
             lr = lr_at(state.step, r.optim.lr, r.schedule, state.total_steps)
             loss, grads = step_loss_and_grads(backend, prep, micro)
+            grads, finite = backend.unscale_grads(state.optimizer, grads)
             grads, grad_norm = backend.clip_grads(grads, r.optim.grad_clip)
-            backend.apply_update(state.optimizer, grads, lr)
+            backend.apply_update(state.optimizer, grads, lr)  # fp16 overflow: changes nothing
+            state.skipped_steps += not finite
             loss = (
                 loss if isinstance(loss, float) else backend.to_float(loss)
             )  # after the update: the step is done
@@ -190,6 +192,8 @@ def train(
                 "grad_norm": grad_norm,
                 "tokens": tokens,
             }
+            if not finite:
+                record["skipped"] = True  # fp16: the gradients overflowed; the loss scale drops
             records.append(record)
             events.on_step_end(state, record)
             end_of_epoch = state.position == state.steps_per_epoch
@@ -207,6 +211,12 @@ def train(
                 )
                 events.on_evaluate(state, state.last_eval)
     log.info("trained %d steps in %.1f s", state.step - first_step, time.perf_counter() - started)
+    if r.train.precision == "fp16":
+        log.info(
+            "fp16: %d of %d steps skipped (gradients overflowed; the loss scale adapts)",
+            state.skipped_steps,
+            state.step - first_step,
+        )
     if state.stop and state.stop_reason:
         log.info("%s", state.stop_reason)
     events.on_train_end(state, records)

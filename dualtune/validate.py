@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dualtune import data as datamap
+from dualtune.backend import check_precision
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
 from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
 
@@ -448,6 +449,7 @@ def validate(
 ) -> Plan:
     """Every check a run can make before its framework loads; returns the plan or raises a UserError."""
     check_device(backend, device)
+    check_precision(backend, device, recipe.train.precision)
     target = None
     if check_out:
         from dualtune.runner import check_output

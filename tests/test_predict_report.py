@@ -181,6 +181,8 @@ def fake_runs(tmp_path) -> list[Path]:
             "trainable_parameters": 294912,
             "total_parameters": 60801536,
             "peak_rss_mb": 1834.4,
+            "peak_device_memory_mb": 731.6,  # a CUDA run
+            "precision": "bf16",
             "eval_loss": 0.08,
             "teacher_forced_accuracy": 0.91,
             "exact_match": 0.875,
@@ -227,6 +229,7 @@ def test_report_text(fake_runs):
         "trainable %",
         "train s",
         "peak MB",
+        "device MB",
         "steps",
     ]
     assert rows[0].split() == [
@@ -240,6 +243,7 @@ def test_report_text(fake_runs):
         "0.4850",
         "612.3",
         "1834",
+        "732",
         "1415",
     ]
     assert rows[1].split() == [
@@ -252,6 +256,7 @@ def test_report_text(fake_runs):
         "15,360",
         "0.0254",
         "33.0",
+        "-",
         "-",
         "20",
     ]
@@ -268,9 +273,9 @@ def test_report_markdown(fake_runs):
     lines = report_cli(*fake_runs, "--format", "markdown").stdout.splitlines()
     assert lines[0] == (
         "| run | backend | method | metric | score | f1 macro | trainable | trainable % | train s "
-        "| peak MB | steps |"
+        "| peak MB | device MB | steps |"
     )
-    assert lines[1] == "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[1] == "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     assert lines[2].startswith("| t5_lora-torch | torch | lora | exact_match | 0.8750 |") and len(lines) == 4
 
 
@@ -289,8 +294,9 @@ def test_report_csv(fake_runs):
     assert float(lora["trainable_percent"]) == pytest.approx(100 * 294912 / 60801536)
     assert float(lora["train_seconds"]) == 612.3 and float(lora["peak_rss_mb"]) == 1834.4
     assert int(lora["steps"]) == 1415
+    assert float(lora["peak_device_memory_mb"]) == 731.6 and lora["precision"] == "bf16"
     assert prefix["metric"] == "teacher_forced_accuracy" and float(prefix["score"]) == 0.5
-    assert prefix["f1_macro"] == prefix["peak_rss_mb"] == ""
+    assert prefix["f1_macro"] == prefix["peak_rss_mb"] == prefix["peak_device_memory_mb"] == ""
 
 
 def test_report_errors(fake_runs, tmp_path):

@@ -1,15 +1,25 @@
-"""PyTorch's FrameworkStep: autograd, torch's own AdamW (foreach), global-norm clipping."""
+"""PyTorch's FrameworkStep: autograd, torch's own AdamW (foreach), global-norm clipping; bf16/fp16
+through torch.autocast, fp16's dynamic loss scaling through torch.amp.GradScaler."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 
 from dualtune.backends.hf.backend import HFBackend
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class TorchBackend(HFBackend):
     name = "torch"
+    fp16_init_scale = 2.0**16  # GradScaler's default; a test raises it to force overflows
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.scaler: torch.amp.GradScaler | None = None  # fp16: made with the optimizer
 
     @property
     def torch_device(self):
@@ -34,12 +44,31 @@ class TorchBackend(HFBackend):
     def to_tensors(self, batch):
         return {k: torch.from_numpy(v).to(self.torch_device) for k, v in batch.items()}
 
+    def autocast(self):
+        """The forward's autocast for ``precision`` (fp32: none)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch_device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
     def value_and_grad(self, model, params, batch):
         for p in params:
             p.grad = None
-        loss = self._forward(model, batch).loss
-        loss.backward()
-        return loss.detach(), [p.grad for p in params]
+        with self.autocast():
+            loss = self._forward(model, batch).loss
+        # fp16: the gradients of the scaled loss; the trainer sums micro-batches and processes
+        # (linear, one scale per step), then unscale_grads divides the scale out.
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return loss.detach().float(), [p.grad for p in params]
+
+    def unscale_grads(self, optimizer, grads):
+        if self.scaler is None:
+            return grads, True
+        params = optimizer.param_groups[0]["params"]
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.scaler.unscale_(optimizer)  # in place; records the overflow that scaler.step skips on
+        grads = [p.grad for p in params]
+        return grads, bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     def clip_grads(self, grads, max_norm):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -50,6 +79,8 @@ class TorchBackend(HFBackend):
         return grads, float(norm)
 
     def make_optimizer(self, params, optim_spec):
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.torch_device.type, init_scale=self.fp16_init_scale)
         return torch.optim.AdamW(
             params,
             lr=optim_spec.lr,
@@ -64,9 +95,18 @@ class TorchBackend(HFBackend):
             group["lr"] = lr
         for p, g in zip(optimizer.param_groups[0]["params"], grads):
             p.grad = g
-        optimizer.step()
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)  # skipped when unscale_grads found an overflow
+            self.scaler.update()  # the scale halves after an overflow, doubles after 2000 clean steps
         for p in optimizer.param_groups[0]["params"]:
             p.grad = None
+
+    def peak_device_memory_mb(self):
+        if self.torch_device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.torch_device) / 2**20
 
     def world(self):
         if not torch.distributed.is_initialized():
