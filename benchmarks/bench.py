@@ -13,7 +13,9 @@ process with real torch), on the same model weights, data, batch size and sequen
 * ``reference``: on torch, ``transformers`` (Seq2Seq)``Trainer`` + ``peft`` (``sides/reference_torch.py``);
   on mindspore, a plain mindnlp loop (``sides/reference_mindspore.py``); both from the notebooks'
   pieces in ``sides/hf_reference.py``, then the plain generate loop. With ``--against torch`` (and
-  ``--backend mindspore``) the reference side is dualtune itself on the torch backend.
+  ``--backend mindspore``) the reference side is dualtune itself on the torch backend; with
+  ``--against fp32`` (and ``train.precision=bf16`` or ``fp16``) it is dualtune on the same backend
+  in fp32: mixed precision against full precision, side by side.
 
 Only the steps after one warm-up step are timed (each side syncs on the loss every step); eval
 times N batches after one warm-up batch. Reported per side: steps/s, tokens/s (non-pad input
@@ -56,6 +58,7 @@ from sides import run_child
 # The bench's defaults, before the user's overrides: synthetic data (the word-level tokenizer's
 # vocabulary), every batch padded to max_length.
 DATA_DEFAULTS = ["data.source=synthetic", "data.padding=max_length"]
+AGAINST = {"reference": "plain HF reference", "torch": "dualtune on torch", "fp32": "dualtune in fp32"}
 
 
 def say(msg: str) -> None:
@@ -111,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--against",
-        choices=["reference", "torch"],
+        choices=["reference", "torch", "fp32"],
         default="reference",
-        help="what the reference side runs: the plain HF reference (default), or, with "
-        "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch)",
+        help="what the reference side runs: the plain HF reference (default); with "
+        "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch); "
+        "fp32: dualtune in fp32 against the recipe's train.precision (e.g. train.precision=bf16)",
     )
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--only", choices=["dualtune", "reference"], help=argparse.SUPPRESS)
@@ -141,10 +145,19 @@ def usage_error(args: argparse.Namespace) -> str | None:
 
 def set_up(args: argparse.Namespace, work: Path, env: dict) -> tuple[object, dict, dict]:
     """The recipe, the children's config (written to ``work``) and the model, made if need be."""
-    from dualtune.recipe import load_recipe
+    from dualtune.backend import check_precision
+    from dualtune.recipe import RecipeError, load_recipe
 
     overrides = DATA_DEFAULTS + list(args.overrides)
     recipe = load_recipe(args.recipe, overrides)
+    check_precision(args.backend, "cpu", recipe.train.precision)  # MindSpore: fp32 only, said now
+    if args.against == "fp32":
+        if recipe.train.precision == "fp32":
+            raise RecipeError(
+                "train.precision fp32: --against fp32 compares mixed precision with fp32; "
+                "add train.precision=bf16 or fp16"
+            )
+        args.reference = [*args.reference, "train.precision=fp32"]
     kind, model_dir, model_info = resolve_model(args.model, recipe, work, env, say)
     overrides.append(f"model.name_or_path={model_dir}")
     recipe = load_recipe(args.recipe, overrides)
@@ -217,7 +230,8 @@ def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: d
         "recipe": Path(args.recipe).stem,
         "recipe_path": str(args.recipe),
         "backend": args.backend,
-        "against": "dualtune on torch" if args.against == "torch" else "plain HF reference",
+        "against": AGAINST[args.against],
+        "precision": recipe.train.precision,
         "command": shlex.join([".venv/bin/python", "benchmarks/bench.py", *argv]),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "model": model,
@@ -274,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
-    from dualtune.recipe import RecipeError
+    from dualtune.errors import UserError
 
     work = Path(tempfile.mkdtemp(prefix="dualtune-bench-"))
     env = child_env(args.threads)
@@ -293,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"report: {args.out}")
         ok = True
         return 0
-    except (BenchError, RecipeError) as err:
+    except (BenchError, UserError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, RecipeError) else 1
+        return 2 if isinstance(err, UserError) else 1
     finally:
         if ok or not any(work.glob("*.log")):
             shutil.rmtree(work, ignore_errors=True)

@@ -48,7 +48,10 @@ def ratios(sides: dict) -> dict:
 
 def format_table(report: dict) -> str:
     d, r, q = report["dualtune"], report["reference"], report["ratios"]
-    lines = [f"{'':<18}{'dualtune':>12}{'reference':>12}{'ratio d/r':>11}"]
+    names = ("dualtune", "reference", "ratio d/r")
+    if report.get("against") == "dualtune in fp32":  # mixed precision against fp32, both dualtune
+        names = (report["precision"], "fp32", f"{report['precision']}/fp32")
+    lines = [f"{'':<18}{names[0]:>12}{names[1]:>12}{names[2]:>11}"]
     for k in METRICS:
         lines.append(f"{LABELS[k]:<18}{d[k]:>12.4g}{r[k]:>12.4g}{q[k]:>11.3f}")
     return "\n".join(lines)

@@ -60,7 +60,8 @@ def run_bench(backend: str, model: str, out, *extra: str) -> dict:
         timeout=300,
     )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    assert "ratio d/r" in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
+    ratio = "bf16/fp32" if "fp32" in extra else "ratio d/r"
+    assert ratio in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
 
 
@@ -135,6 +136,34 @@ def test_bench_mindspore_against_torch(tiny_t5, tmp_path):
     assert report["reference"]["what"].startswith("dualtune prepare + train (torch)")
     assert report["dualtune"]["what"].startswith("dualtune prepare + train (mindspore)")
     assert report["dualtune"]["train_tokens"] == report["reference"]["train_tokens"]
+
+
+@pytest.mark.slow
+def test_bench_bf16_against_fp32(tiny_t5, tmp_path):
+    """--against fp32: both sides are dualtune on torch, the same batches, one in bf16."""
+    report = run_bench("torch", tiny_t5, tmp_path / "bench.json", "train.precision=bf16", "--against", "fp32")
+    check_report(report, "torch")
+    assert (report["against"], report["precision"]) == ("dualtune in fp32", "bf16")
+    assert report["dualtune"]["what"] == report["reference"]["what"]
+    assert report["dualtune"]["train_tokens"] == report["reference"]["train_tokens"]
+    # the same start, rounded differently: bf16 is on (measured 1e-4 relative on the first loss)
+    first = report["dualtune"]["first_loss"], report["reference"]["first_loss"]
+    assert first[0] != first[1] and first[0] == pytest.approx(first[1], rel=1e-2)
+
+
+def test_bench_against_fp32_needs_mixed_precision():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), "--against", "fp32"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench: error: train.precision fp32: --against fp32 compares mixed precision with fp32; "
+        "add train.precision=bf16 or fp16"
+    )
 
 
 def test_bench_against_torch_needs_the_mindspore_backend():

@@ -3,7 +3,7 @@
 * ``dualtune_side``: dualtune's own prepare + train, timed through a loop callback.
 * the reference: ``reference_torch`` (HF Trainer + peft) or ``reference_mindspore`` (a plain mindnlp
   loop), from the pieces both share in ``hf_reference``; with --against torch, dualtune itself on the
-  torch backend.
+  torch backend; with --against fp32, dualtune itself in fp32.
 
 A side module is imported only in its own child: this package imports no framework.
 """
@@ -24,10 +24,12 @@ def run_side(side: str, cfg: dict) -> dict:
         from sides.dualtune_side import run_dualtune
 
         return run_dualtune(cfg)
-    if cfg.get("against") == "torch":  # the reference side is dualtune itself on the torch backend
-        from sides.dualtune_side import run_dualtune
+    if cfg.get("against") in ("torch", "fp32"):  # the reference side is dualtune itself: on torch,
+        from sides.dualtune_side import run_dualtune  # or in fp32 (its train.precision=fp32 override)
 
-        return run_dualtune({**cfg, "backend": "torch"}, side)
+        return run_dualtune(
+            {**cfg, "backend": "torch" if cfg["against"] == "torch" else cfg["backend"]}, side
+        )
     if cfg["backend"] == "torch":
         from sides.reference_torch import run_reference_torch
 
