@@ -261,3 +261,27 @@ def test_a_run_and_its_eval_say_only_what_concerns_them(tmp_path, tiny_bert, fin
         assert noise not in run.stderr
     ev = dualtune_cli("eval", str(out), "--backend", "mindspore")
     assert "newly initialized" not in ev.stderr and "You should probably TRAIN" not in ev.stderr
+
+
+def test_mixed_precision_is_refused_before_the_model_loads(ms, tmp_path):
+    """bf16/fp16 through the library (no `dualtune validate` first): prepare refuses before loading.
+    Measured on MindSpore 2.7.0 CPU: MatMul has no bfloat16 kernel, under mindtorch's autocast too."""
+    import torch
+
+    with pytest.raises(BackendError) as err:
+        prepared(
+            ms,
+            "t5_lora.yaml",
+            f"model.name_or_path={tmp_path / 'no-model-here'}",  # never read: the refusal comes first
+            f"data.source={tmp_path / 'no-data-here.jsonl'}",
+            "train.precision=bf16",
+        )
+    assert str(err.value) == (
+        "train.precision bf16: the mindspore backend trains in fp32 only (MindSpore's CPU MatMul has no "
+        "bfloat16/float16 kernel); use train.precision=fp32 or --backend torch"
+    )
+    assert ms.precision == "fp32"
+    # the fact the refusal rests on: if a MindSpore release adds the kernel, this fails and says so
+    layer = torch.nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="MatMul"), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.ones(3, 4))
