@@ -49,7 +49,7 @@ class Callback:
 
     def on_step_end(self, state: LoopState, record: dict) -> None:
         """After the update; ``record``: step, epoch, loss (a float: the step has synchronised), lr,
-        grad_norm, tokens."""
+        grad_norm, tokens; and ``skipped: True`` when fp16's gradients overflowed (no update)."""
 
     def on_evaluate(self, state: LoopState, record: dict) -> None:
         """After an in-loop evaluation; ``record``: step, epoch and the metrics."""
