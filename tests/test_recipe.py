@@ -186,10 +186,11 @@ EXPECTED_RECIPES = {
     "t5_lora": ("seq2seq", "lora"),
     "t5_bitfit": ("seq2seq", "bitfit"),
     "minilm_demo": ("classification", "lora"),
+    "minilm_fpb": ("classification", "lora"),
 }
 
 
-def test_recipes_directory_holds_the_four_recipes():
+def test_recipes_directory_holds_the_shipped_recipes():
     assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(EXPECTED_RECIPES)
 
 
