@@ -51,6 +51,9 @@ def format_table(report: dict) -> str:
     lines = [f"{'':<18}{'dualtune':>12}{'reference':>12}{'ratio d/r':>11}"]
     for k in METRICS:
         lines.append(f"{LABELS[k]:<18}{d[k]:>12.4g}{r[k]:>12.4g}{q[k]:>11.3f}")
+    if "peak_gpu_mb" in d and "peak_gpu_mb" in r:  # --device cuda
+        gpu = (d["peak_gpu_mb"], r["peak_gpu_mb"])
+        lines.append(f"{'peak GPU MB':<18}{gpu[0]:>12.4g}{gpu[1]:>12.4g}{rate(*gpu):>11.3f}")
     return "\n".join(lines)
 
 
