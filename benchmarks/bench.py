@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--backend", choices=["torch", "mindspore"], default="torch")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch: cpu | cuda, for both sides (each side's peak GPU memory is reported); mindspore: cpu",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 1 warm-up step)")
     p.add_argument("--eval-batches", type=int, default=2, help="timed eval batches (after 1 warm-up batch)")
     p.add_argument(
@@ -138,6 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def usage_error(args: argparse.Namespace) -> str | None:
     if min(args.steps, args.eval_batches, args.threads, args.repeat) < 1:
         return "--steps, --eval-batches, --threads and --repeat must be >= 1"
+    if args.device != "cpu" and (args.backend != "torch" or not args.device.startswith("cuda")):
+        return "--device: the bench runs torch on cpu or cuda, mindspore on cpu"
     if args.against == "torch" and args.backend != "mindspore":
         return "--against torch compares the mindspore backend with torch; add --backend mindspore"
     return None
@@ -167,6 +174,7 @@ def set_up(args: argparse.Namespace, work: Path, env: dict) -> tuple[object, dic
         "overrides": overrides,
         "reference_overrides": list(args.reference),
         "backend": args.backend,
+        "device": args.device,
         "steps": args.steps,
         "eval_batches": args.eval_batches,
         "threads": args.threads,
@@ -230,6 +238,7 @@ def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: d
         "recipe": Path(args.recipe).stem,
         "recipe_path": str(args.recipe),
         "backend": args.backend,
+        "device": args.device,
         "against": AGAINST[args.against],
         "precision": recipe.train.precision,
         "command": shlex.join([".venv/bin/python", "benchmarks/bench.py", *argv]),
@@ -262,7 +271,7 @@ def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: d
 def print_summary(report: dict, model_kind: str, loads: tuple) -> None:
     """The run in one line, the table, and how busy the machine was (both sides ran)."""
     print(
-        f"{report['recipe']} on {report['backend']} against the {report['against']}: model {model_kind}, batch "
+        f"{report['recipe']} on {report['backend']} ({report['device']}) against the {report['against']}: model {model_kind}, batch "
         f"{report['batch_size']} x {report['max_length']} ({report['padding']}), {report['steps']} steps, "
         f"{report['eval_batches']} eval batches, {report['threads']} threads, "
         f"load {loads[0][0]:.2f} -> {loads[1][0]:.2f}"

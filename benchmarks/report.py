@@ -54,6 +54,9 @@ def format_table(report: dict) -> str:
     lines = [f"{'':<18}{names[0]:>12}{names[1]:>12}{names[2]:>11}"]
     for k in METRICS:
         lines.append(f"{LABELS[k]:<18}{d[k]:>12.4g}{r[k]:>12.4g}{q[k]:>11.3f}")
+    if "peak_gpu_mb" in d and "peak_gpu_mb" in r:  # --device cuda
+        gpu = (d["peak_gpu_mb"], r["peak_gpu_mb"])
+        lines.append(f"{'peak GPU MB':<18}{gpu[0]:>12.4g}{gpu[1]:>12.4g}{rate(*gpu):>11.3f}")
     return "\n".join(lines)
 
 

@@ -170,6 +170,11 @@ class Backend(FrameworkStep):
     def set_training(self, model: Any, training: bool) -> None:
         """Train mode (dropout on) or eval mode; the core uses ``dualtune.evaluation.eval_mode``."""
 
+    def enable_gradient_checkpointing(self, model: Any) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them
+        (``train.gradient_checkpointing``); called on the loaded model before the method is applied."""
+        raise BackendError(f"train.gradient_checkpointing: the {self.name} backend cannot checkpoint")
+
     @abstractmethod
     def disable_dropout(self, model: Any) -> int:
         """Dropout off everywhere (returns how many modules); for runs two backends must match."""

@@ -57,6 +57,8 @@ def prepare(recipe: Recipe, backend: Backend) -> Prepared:
     task = recipe.model.task
     backend.seed(recipe.train.seed)
     model = backend.load_model(recipe.model, label_names, tokenizer)
+    if recipe.train.gradient_checkpointing:  # before the method, as peft expects
+        backend.enable_gradient_checkpointing(model)
     model = backend.apply_peft(model, recipe.peft, task, recipe.train.seed)
     if recipe.peft.init_from:
         backend.load_weights(model, Path(recipe.peft.init_from), recipe.peft)

@@ -206,6 +206,9 @@ class TrainSpec(_Strict):
     # bf16/fp16: the forward and loss autocast to that type; weights, gradients and AdamW's state stay
     # float32. fp16 scales the loss (dynamic) and skips steps whose gradients overflow.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # transformers' own activation checkpointing: each layer's activations are recomputed in the
+    # backward pass instead of kept (less memory, about one more forward per step).
+    gradient_checkpointing: bool = False
     # Keep the adapter from the evaluation with the best value of this metric (eval_loss is
     # minimised, the rest maximised); None keeps the last. Evaluations then run in full.
     best_metric: str | None = None
@@ -261,6 +264,12 @@ class Recipe(_Strict):
             raise ValueError("train.early_stopping_patience needs train.best_metric (what must improve)")
         if task == "seq2seq" and metric == "exact_match" and not self.train.generate:
             raise ValueError("train.best_metric exact_match needs train.generate=true")
+        if self.train.gradient_checkpointing and self.peft.method == "prefix":
+            # transformers' checkpointed layers set past_key_values=None, where peft puts the prefix.
+            raise ValueError(
+                "train.gradient_checkpointing does not work with peft.method=prefix: transformers "
+                "drops the prefix (past_key_values) inside checkpointed layers"
+            )
         return self
 
     @model_validator(mode="after")

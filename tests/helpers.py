@@ -11,6 +11,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune.prepare import prepare
 from dualtune.recipe import load_recipe
+from dualtune.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -153,3 +154,74 @@ def assert_method_trains_exactly(backend, prep, expected: int) -> None:
     losses = steps_on_one_batch(backend, prep, steps=4, lr=1e-2)
     assert_moved_exactly(before, snapshot(backend, prep.model), prep.trainable)
     assert losses[-1] < losses[0] - 1e-3, f"loss did not fall on {backend.name}: {losses}"
+
+
+# Gradient checkpointing (tests/test_gradient_checkpointing.py and its MindSpore twin): LoRA trains inside
+# every layer; prompt tuning only before the first, so its gradient crosses every checkpointed layer.
+CHECKPOINT_CASES = {
+    ("t5", "lora"): "t5_lora.yaml",
+    ("t5", "prompt"): "t5_lora.yaml",
+    ("bert", "lora"): "minilm_demo.yaml",
+}
+CHECKPOINTED_LAYERS = ("T5Block", "BertLayer")
+# |checkpointed - plain| per gradient tensor, relative to the tensor's largest entry: measured up to 2.8e-7
+# (MindSpore, T5 LoRA; torch 2.6e-7, T5 prompt), 0 on BERT.
+CHECKPOINT_GRAD_TOL = 2e-6
+
+
+def count_layer_calls(model) -> list[int]:
+    """A counter of the first checkpointable layer's calls, by a forward pre-hook (torch's recompute
+    stops as soon as it has what the backward needs, before the layer's forward hooks run)."""
+    layer = next(m for m in model.modules() if type(m).__name__ in CHECKPOINTED_LAYERS)
+    calls = [0]
+
+    def count(module, args):
+        calls[0] += 1
+
+    layer.register_forward_pre_hook(count)
+    return calls
+
+
+def checkpointing_overrides(kind: str, method: str, model_dir: str, data: str, on: bool) -> list[str]:
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        f"data.source={data}",
+        f"peft.method={method}",
+        f"train.gradient_checkpointing={str(on).lower()}",
+        "train.eval_every=1000",
+    ]
+    return overrides + (["data.max_rows=null", "schedule.warmup_ratio=null"] if kind == "bert" else [])
+
+
+def gradients_with_checkpointing(backend, kind: str, method: str, model_dir: str, data: str, on: bool):
+    """(loss, gradients, calls of the first layer) of one value_and_grad in train mode, dropout off."""
+    recipe = CHECKPOINT_CASES[(kind, method)]
+    prep = prepared(
+        backend, recipe, *checkpointing_overrides(kind, method, model_dir, data, on), "train.dropout=false"
+    )
+    calls = count_layer_calls(prep.model)
+    backend.set_training(prep.model, True)  # transformers checkpoints in train mode only
+    loss, grads = backend.value_and_grad(prep.model, prep.params, first_batch(backend, prep))
+    return backend.to_float(loss), [backend.to_numpy(g).copy() for g in grads], calls[0]
+
+
+def assert_same_gradients(plain, checkpointed) -> None:
+    """One step with checkpointing is the step without, and the layer really ran twice in it."""
+    (loss, grads, calls), (ck_loss, ck_grads, ck_calls) = plain, checkpointed
+    assert (calls, ck_calls) == (1, 2), "checkpointing did not recompute the layer"
+    np.testing.assert_allclose(ck_loss, loss, rtol=1e-6)
+    assert len(ck_grads) == len(grads) and any(np.abs(g).max() > 0 for g in grads)
+    for g, ck_g in zip(grads, ck_grads):
+        scale = float(np.abs(g).max())
+        np.testing.assert_allclose(ck_g, g, rtol=0, atol=CHECKPOINT_GRAD_TOL * scale)
+
+
+def run_losses_with_checkpointing(backend, model_dir: str, data: str, on: bool, steps: int = 4):
+    """(losses, calls of the first layer) of a short T5 LoRA run, dropout on: the recomputed forward
+    must draw the masks the first one drew."""
+    overrides = checkpointing_overrides("t5", "lora", model_dir, data, on)
+    recipe = load_recipe(RECIPES / "t5_lora.yaml", [*overrides, f"train.max_steps={steps}", "optim.lr=1e-2"])
+    prep = prepare(recipe, backend)
+    calls = count_layer_calls(prep.model)
+    records, _ = train(backend, prep)
+    return np.array([r["loss"] for r in records]), calls[0]

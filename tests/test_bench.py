@@ -196,3 +196,25 @@ def test_bench_modules_import_without_a_framework():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[0] == "[] [] 512"
+
+
+def test_bench_device_is_cpu_or_cuda_on_torch():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            str(RECIPES / "t5_lora.yaml"),
+            "--backend",
+            "mindspore",
+            "--device",
+            "gpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench: error: --device: the bench runs torch on cpu or cuda, mindspore on cpu"
+    )

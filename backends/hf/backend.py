@@ -120,6 +120,16 @@ class HFBackend(Backend):
     def set_training(self, model, training: bool) -> None:
         model.train(training)
 
+    def enable_gradient_checkpointing(self, model) -> None:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise BackendError(
+                f"train.gradient_checkpointing: transformers cannot checkpoint {type(model).__name__}"
+            )
+        # Not reentrant: gradients then reach checkpointed layers whose inputs need none (a frozen
+        # embedding under LoRA). peft, applied next, adds its input-requires-grad hook as for any
+        # checkpointed model. transformers checkpoints only in train mode.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     # -- the loss
     def set_class_weights(self, model, weights) -> None:
         model._dualtune_class_weights = (

@@ -1,5 +1,9 @@
 """Where mindtorch computes something differently from PyTorch, the correction, in one place.
 
+Gradient checkpointing: mindtorch's ``torch.utils.checkpoint.checkpoint`` only calls the function,
+so transformers' checkpointed layers keep every activation. MindSpore's own recompute
+(``mindspore.recompute``) is put in its place, layer by layer (``recompute_checkpointed_layers``).
+
 T5 relative-position buckets: transformers truncates ``log(rp / 8) / log(128 / 8) * 8`` to an
 integer. At rp = 16, 32, 64 the exact value is an integer, and float32 ``log`` on MindSpore's CPU
 kernel lands just below it (bucket 25 instead of 26): same weights and input, hidden states off by
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Any
 
+import mindspore
 import numpy as np
 
 # Attention classes that share T5's bucket function (each model file has its own copy).
@@ -61,6 +67,64 @@ def model_classes(names: list[tuple[str, str]]):
             yield getattr(importlib.import_module(module_name), cls_name)
         except (ImportError, AttributeError):
             continue
+
+
+class RecomputedCall(mindspore.nn.Cell):
+    """One call of a checkpointed layer, in the form ``mindspore.recompute`` takes: a Cell whose
+    trainable parameters are the layer's. ``construct`` runs twice: in the forward pass (recording no
+    gradient, keeping only the inputs) and again in the backward pass, where the second run replays
+    the dropout masks of the first (``rng``: get_state / set_state, the backend's dropout generator)."""
+
+    def __init__(self, function, params: list, devices: list, rng: Any):
+        super().__init__(auto_prefix=False)
+        # Plain attributes: a Cell would otherwise try to adopt the (mindtorch) tensors as its own.
+        vars(self).update(function=function, layer_params=params, devices=devices, rng=rng, rng_state=None)
+
+    def trainable_params(self, recurse=True):
+        return list(self.layer_params)
+
+    def construct(self, *args):
+        # MindSpore replays detached copies of the inputs, bare tensors: give them mindtorch's device back.
+        for arg, device in zip(args, self.devices):
+            if device is not None and not hasattr(arg, "_device"):
+                arg._device = device
+        if self.rng_state is None:  # the forward pass
+            vars(self)["rng_state"] = self.rng.get_state()
+            return self.function(*args)
+        after = self.rng.get_state()
+        self.rng.set_state(self.rng_state)
+        try:
+            return self.function(*args)
+        finally:
+            self.rng.set_state(after)
+
+
+def recompute_checkpoint(layer, rng):
+    """A ``_gradient_checkpointing_func`` for ``layer`` (transformers calls it with the layer's call
+    and its positional inputs) that runs the call under ``mindspore.recompute``."""
+    import torch  # mindtorch here
+
+    def checkpoint(function, *args):
+        if not torch.is_grad_enabled():  # a frozen encoder's pass (step.encoder_outputs)
+            return function(*args)
+        params = [p for p in layer.parameters() if p.requires_grad]  # peft adds its layers after this is set
+        devices = [a.device if isinstance(a, torch.Tensor) else None for a in args]
+        out = mindspore.recompute(RecomputedCall(function, params, devices, rng), *args)
+        device = next(d for d in devices if d is not None)
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and not hasattr(tensor, "_device"):
+                tensor._device = device
+        return out
+
+    return checkpoint
+
+
+def recompute_checkpointed_layers(model, rng) -> int:
+    """Route every layer transformers checkpoints through MindSpore's recompute; returns how many."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer._gradient_checkpointing_func = recompute_checkpoint(layer, rng)
+    return len(layers)
 
 
 def apply() -> list[str]:

@@ -17,7 +17,7 @@ import torch  # mindtorch here
 from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
-from dualtune.backends.mindspore import DEVICES
+from dualtune.backends.mindspore import DEVICES, compat
 
 
 def frozen_encoder(model, params):
@@ -172,6 +172,10 @@ class MindSporeBackend(HFBackend):
         set_numpy_state(state["numpy"])
         set_python_state(state["python"])
         install_seeded_dropout()
+
+    def enable_gradient_checkpointing(self, model) -> None:
+        super().enable_gradient_checkpointing(model)
+        compat.recompute_checkpointed_layers(model, DROPOUT_RNG)  # mindtorch's checkpoint keeps everything
 
     def to_tensors(self, batch):
         return {k: torch.tensor(v, dtype=torch.long, device=self.torch_device) for k, v in batch.items()}

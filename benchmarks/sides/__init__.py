@@ -50,5 +50,9 @@ def run_child(side: str, cfg_path: str, result_path: str) -> int:
     result["eval_samples_per_s"] = rate(result["eval_samples"], result["eval_seconds"])
     result["peak_rss_mb"] = peak_rss_mb()
     result["peak_rss_mb_by_phase"]["eval"] = result["peak_rss_mb"]
+    if cfg.get("device", "cpu").startswith("cuda"):
+        import torch  # already imported by the side
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(result_path).write_text(json.dumps(result, indent=2))
     return 0

@@ -97,7 +97,7 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
 def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     from dualtune.backend import get_backend
 
-    backend = get_backend(cfg["backend"], "cpu")
+    backend = get_backend(cfg["backend"], cfg.get("device", "cpu"))
     if cfg["backend"] == "torch":
         import torch
 

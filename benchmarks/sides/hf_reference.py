@@ -175,6 +175,8 @@ def reference_eval(inputs: ReferenceInputs, model, n_batches: int) -> tuple[int,
                 break
             if i == WARMUP_EVAL_BATCHES:
                 started = time.perf_counter()
+            if str(model.device) != "cpu":  # --device cuda (torch): the loader's batches are on the host
+                batch = {k: v.to(model.device) for k, v in batch.items()}
             if inputs.seq2seq:
                 out = model.generate(
                     input_ids=batch["input_ids"],

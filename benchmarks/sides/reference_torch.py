@@ -14,7 +14,7 @@ from dualtune.rundir import peak_rss_mb
 from sides.hf_reference import evaluate_and_report, reference_inputs, reference_model
 
 
-def training_arguments(recipe, out_dir: str, total: int):
+def training_arguments(recipe, out_dir: str, total: int, device: str = "cpu"):
     import transformers
 
     sched = recipe.schedule
@@ -43,9 +43,11 @@ def training_arguments(recipe, out_dir: str, total: int):
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         remove_unused_columns=False,
         group_by_length=recipe.train.group_by_length,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,  # as dualtune: transformers' own
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
 
 
@@ -56,7 +58,7 @@ def run_reference_torch(cfg: dict) -> dict:
     import transformers
 
     inputs = reference_inputs(cfg)
-    model = reference_model(inputs, cfg["model_dir"])
+    model = reference_model(inputs, cfg["model_dir"], cfg.get("device", "cpu"))
     rss = {"setup": peak_rss_mb()}
     total = cfg["steps"] + WARMUP_STEPS
     trainer_cls = transformers.Seq2SeqTrainer if inputs.seq2seq else transformers.Trainer
@@ -74,7 +76,7 @@ def run_reference_torch(cfg: dict) -> dict:
             return loss
 
     with tempfile.TemporaryDirectory() as out_dir:
-        args = training_arguments(inputs.recipe, out_dir, total)
+        args = training_arguments(inputs.recipe, out_dir, total, cfg.get("device", "cpu"))
         trainer = CountingTrainer(
             model=model,
             args=args,
