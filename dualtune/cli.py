@@ -294,7 +294,7 @@ def _cmd_run(args) -> int:
         else check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
     )
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ and "MS_ROLE" not in os.environ:
-        return _launch_data_parallel(args)
+        return _launch_data_parallel(args, out)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
     run_recipe(
@@ -309,7 +309,7 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _launch_data_parallel(args) -> int:
+def _launch_data_parallel(args, out: Path) -> int:
     """``dualtune run --nproc N ...``: the same command on N processes of this machine, under
     torchrun (--backend torch) or msrun (--backend mindspore, ``dualtune.msrun``)."""
     import subprocess
@@ -322,7 +322,7 @@ def _launch_data_parallel(args) -> int:
     if args.backend == "mindspore":
         from dualtune import msrun
 
-        return msrun.launch(args.nproc, argv, log)
+        return msrun.launch(args.nproc, argv, log, out)
     cmd = [
         sys.executable,
         "-m",
