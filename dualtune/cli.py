@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="data parallel on N processes through torchrun (--backend torch; gloo on cpu, nccl "
-        "on cuda): each takes train.batch_size rows of every step; the same as "
-        "`torchrun --nproc-per-node N -m dualtune.cli run ...`",
+        help="data parallel on N processes: torchrun on --backend torch (gloo on cpu, nccl on cuda), "
+        "msrun on --backend mindspore (mccl on cpu, hccl on ascend, nccl on gpu); each takes "
+        "train.batch_size rows of every step",
     )
 
     val = sub.add_parser(
@@ -254,9 +254,16 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("dualtune: %(message)s"))
     log.addHandler(handler)
     # Data parallel: process 0 speaks for the job; the others only warn.
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = _launched_rank() != 0
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+
+
+def _launched_rank() -> int:
+    """This process's rank when torchrun (RANK) or msrun (a worker's RANK_ID) started it, else 0."""
+    if os.environ.get("MS_ROLE") == "MS_WORKER":
+        return int(os.environ.get("RANK_ID", "0"))
+    return int(os.environ.get("RANK", "0"))
 
 
 def _cmd_run(args) -> int:
@@ -265,10 +272,15 @@ def _cmd_run(args) -> int:
     from dualtune.runner import check_output, run_recipe
     from dualtune.validate import validate
 
+    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler process runs this command too
+        from dualtune.backends.mindspore import serve_msrun_scheduler
+
+        serve_msrun_scheduler()
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: expected 1 or more")
-    if int(os.environ.get("RANK", "0")) != 0:  # a data-parallel process other than 0: process 0 checks
+    if _launched_rank() != 0:  # a data-parallel process other than 0: process 0 checks
         run_recipe(recipe, get_backend(args.backend, args.device), args.output_dir, resume=args.resume)
         return 0
     # Everything checkable (output, data, labels, lengths, device) is checked before a framework
@@ -281,8 +293,8 @@ def _cmd_run(args) -> int:
         if plan.output
         else check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
     )
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ and "MS_ROLE" not in os.environ:
+        return _launch_data_parallel(args, out)
     backend = get_backend(args.backend, args.device)
     log.info("recipe %s on %s (%s) -> %s", recipe.name, backend.name, backend.device, out)
     run_recipe(
@@ -297,20 +309,20 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _launch_torchrun(args) -> int:
-    """``dualtune run --nproc N ...``: the same command under torchrun, N processes on this machine."""
+def _launch_data_parallel(args, out: Path) -> int:
+    """``dualtune run --nproc N ...``: the same command on N processes of this machine, under
+    torchrun (--backend torch) or msrun (--backend mindspore, ``dualtune.msrun``)."""
     import subprocess
 
-    if args.backend != "torch":
-        raise UserError(
-            f"--nproc {args.nproc}: data parallel runs on --backend torch (torchrun); MindSpore's "
-            f"msrun is not supported yet"
-        )
     argv = [
         a
         for i, a in enumerate(args.argv)
         if not (a == "--nproc" or a.startswith("--nproc=") or (i and args.argv[i - 1] == "--nproc"))
     ]
+    if args.backend == "mindspore":
+        from dualtune import msrun
+
+        return msrun.launch(args.nproc, argv, log, out)
     cmd = [
         sys.executable,
         "-m",

@@ -354,6 +354,7 @@ def run_recipe(
     signals = SignalStop()
     signals.install()
     run = RunDir(target, overwrite or recipe.train.overwrite, source)
+    interrupted = None
     try:
         with run:
             _run_in(run, recipe, backend, progress, callbacks, signals, resumed=source is not None)
@@ -361,9 +362,13 @@ def run_recipe(
         failed = run.failed or target
         where = failed / stop.checkpoint.relative_to(run.path) if stop.checkpoint else None
         stop.checkpoint = where
-        raise
+        interrupted = stop
     finally:
         signals.restore()
+    if world > 1:
+        backend.all_reduce_sum([], [0.0])  # the others wait for the run directory: all end together
+    if interrupted is not None:
+        raise interrupted
     return target
 
 
@@ -396,6 +401,9 @@ def _train_replica(
         train(backend, prep, [signals], resume=start)
     finally:
         signals.restore()
+    # Until process 0 has finished the run directory (or its checkpoint): all processes end together.
+    # (Under msrun, process 0 was once seen to die of SIGSEGV as it exited, seconds after this one.)
+    backend.all_reduce_sum([], [0.0])
     return target
 
 

@@ -154,15 +154,23 @@ def train(
     events.on_train_begin(state)
     started = time.perf_counter()
     first_step = state.step
-    while state.step < state.total_steps and not state.stop:
+    # Several processes stop together, at the start of a step where one of them asks to (below): one
+    # that left on its own flag would leave the others waiting in the step's all-reduce.
+    stop_agreed = False
+    while state.step < state.total_steps and not (state.stop if world == 1 else stop_agreed):
         if state.position >= state.steps_per_epoch:
             state.epoch, state.position = state.epoch + 1, 0
         order = epoch_order(prep, state.epoch, world)
         bs, step_rows = r.train.batch_size, step_batch_size(r, world)
-        while state.position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
+        while (
+            state.position < state.steps_per_epoch
+            and state.step < state.total_steps
+            and not (state.stop if world == 1 else stop_agreed)
+        ):
             events.on_step_begin(state)
             if world > 1 and backend.all_reduce_sum([], [float(state.stop)])[1][0] > 0:
-                state.stop = True  # one process was stopped (a signal, early stopping): all stop here
+                # one process was stopped (a signal, early stopping): all stop here
+                state.stop = stop_agreed = True
                 break
             rows = order[state.position * step_rows : (state.position + 1) * step_rows]
             micro = [

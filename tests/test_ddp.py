@@ -68,23 +68,21 @@ def test_two_processes_of_8_are_one_of_16(tiny_bert, tiny_t5, fin_data, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
 
 
-def test_nproc_needs_torch(tmp_path):
+def test_nproc_below_one_is_refused(tmp_path):
     proc = dualtune_cli(
         "run",
         str(RECIPES / "minilm_demo.yaml"),
-        "--backend",
-        "mindspore",
         "--nproc",
-        "2",
+        "0",
         "--output-dir",
         str(tmp_path / "x"),
         check=False,
     )
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
         2,
-        "dualtune: error: --nproc 2: data parallel runs on --backend torch (torchrun); MindSpore's msrun "
-        "is not supported yet",
+        "dualtune: error: --nproc 0: expected 1 or more",
     )
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny_bert, fin_data, tmp_path):

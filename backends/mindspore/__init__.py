@@ -19,6 +19,39 @@ log = logging.getLogger("dualtune")
 DEVICES = {"cpu": ("CPU", "cpu"), "ascend": ("Ascend", "npu"), "gpu": ("GPU", "cuda")}
 
 
+def launched_by_msrun() -> bool:
+    """A worker process that msrun started (its scheduler process has ``MS_ROLE=MS_SCHED``)."""
+    return os.environ.get("MS_ROLE") == "MS_WORKER"
+
+
+def serve_msrun_scheduler() -> None:
+    """msrun's scheduler process runs the worker's command too: there ``init`` keeps the cluster's
+    registry until every worker has finished, then ends the process."""
+    os.environ.setdefault("GLOG_v", "3")
+    from mindspore.communication import init
+
+    init()
+
+
+def unwrap_checkpoint_resolution() -> None:
+    """transformers' own checkpoint-file lookup, without mindnlp's wrapper around it.
+
+    Once MindSpore's communication is initialised, mindnlp makes every process but 0 wait in
+    ``mindtorch.distributed.barrier`` while process 0 resolves (downloads) a model's files. That
+    needs mindtorch's default process group, which has no CPU (mccl) backend: its barrier fails
+    ("'ProcessGroup' object has no attribute 'device'", measured under msrun on CPU). Without the
+    wrapper each process resolves its own files, as on torch (the hub's cache locks concurrent
+    downloads of a file)."""
+    import transformers.modeling_utils as modeling
+
+    wrapper = modeling._get_resolved_checkpoint_files
+    for cell in getattr(wrapper, "__closure__", None) or ():
+        original = cell.cell_contents
+        if getattr(original, "__name__", "") == "_get_resolved_checkpoint_files" and original is not wrapper:
+            modeling._get_resolved_checkpoint_files = original
+            return
+
+
 def activate(device: str) -> None:
     """Point MindSpore at ``device``, tune it for CPU, install mindnlp's ``import torch`` redirect."""
     if torch_flavour() == "torch":
@@ -37,6 +70,13 @@ def activate(device: str) -> None:
     speed = cpu_speed.enabled(device)
     if speed:
         settings = cpu_speed.configure_runtime()
+    if launched_by_msrun():
+        # One process per device; gradients are summed by MindSpore's collectives, which ``init``
+        # picks from the device: mccl on CPU, hccl on Ascend, nccl on GPU.
+        from mindspore.communication import GlobalComm, init
+
+        if not GlobalComm.INITED:
+            init()
     # mindnlp points HF_ENDPOINT at a mirror when it is unset; keep the user's choice (unset means
     # huggingface.co, as everywhere else) and leave the environment as we found it.
     user_endpoint = os.environ.get("HF_ENDPOINT")
@@ -47,6 +87,8 @@ def activate(device: str) -> None:
 
     if user_endpoint is None:
         del os.environ["HF_ENDPOINT"]
+    if launched_by_msrun():
+        unwrap_checkpoint_resolution()
     if speed:
         settings += [cpu_speed.patch_linear(), cpu_speed.patch_transposes(), cpu_speed.patch_rms_norms()]
         log.info("mindspore CPU settings: %s", ", ".join(settings))
