@@ -84,10 +84,20 @@ class Param:
     def suggest(self, trial) -> Any:
         """The trial's value: drawn now, or the one it already has (a trial run again)."""
         if self.kind == "categorical":
-            return trial.suggest_categorical(self.key, self.choices)
+            choices = [json.dumps(c) if isinstance(c, list) else c for c in self.choices or []]
+            return self.value(trial.suggest_categorical(self.key, choices))
         if self.kind == "int":
             return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def value(self, stored: Any) -> Any:
+        """The recipe value of a value Optuna stored: a list choice (``target_modules``) is stored as
+        its JSON text, since Optuna's categorical choices are numbers, strings, booleans or null."""
+        if isinstance(stored, str) and any(
+            isinstance(c, list) and json.dumps(c) == stored for c in self.choices or []
+        ):
+            return json.loads(stored)
+        return stored
 
     def describe(self) -> dict:
         out: dict[str, Any] = {"type": self.kind}
@@ -154,10 +164,18 @@ def _param(where: str, key: str, spec: Any) -> Param:
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise RecipeError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        scalar = (bool, int, float, str)
         for c in choices:
-            if c is not None and not isinstance(c, (bool, int, float, str)):
-                raise RecipeError(f"{where}.choices: {c!r}: Optuna takes numbers, strings, booleans or null")
-        if len({json.dumps(c) for c in choices}) != len(choices):
+            items = c if isinstance(c, list) else [c]
+            if not items or any(x is not None and not isinstance(x, scalar) for x in items):
+                raise RecipeError(
+                    f"{where}.choices: {c!r}: expected numbers, strings, booleans, null, "
+                    f"or non-empty lists of them"
+                )
+        listed = {json.dumps(c) for c in choices if isinstance(c, list)}  # how Optuna stores a list
+        if len({json.dumps(c) for c in choices}) != len(choices) or any(
+            isinstance(c, str) and c in listed for c in choices
+        ):
             raise RecipeError(f"{where}.choices: {choices!r} repeats a value")
         return Param(key, kind, choices=choices)
     if "choices" in spec:
@@ -785,7 +803,8 @@ def write_table(rows: list[dict], sw: Sweep) -> None:
 
 def best_recipe(sw: Sweep, best) -> Recipe:
     """The recipe with the best trial's parameters applied, resolved; output_dir back to the default."""
-    recipe = load_recipe(sw.recipe, [*sw.overrides, *(override(k, best.params[k]) for k in sw.space.params)])
+    best_values = [override(k, p.value(best.params[k])) for k, p in sw.space.params.items()]
+    recipe = load_recipe(sw.recipe, [*sw.overrides, *best_values])
     recipe.train.output_dir = TrainSpec.model_fields["output_dir"].default
     return recipe
 

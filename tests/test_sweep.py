@@ -24,6 +24,7 @@ from torch_helpers import CLI_ENV
 
 DEMO = RECIPES / "minilm_demo.yaml"
 SPACE = RECIPES / "spaces" / "lora_seed001.yaml"
+DEMO_SPACE = RECIPES / "spaces" / "minilm_demo.yaml"  # the search that found the demo recipe
 
 
 def tiny(tiny_bert: str, fin_data: str) -> list[str]:
@@ -113,6 +114,40 @@ def test_shipped_space_loads():
 )
 def test_bad_space_is_one_line_naming_the_path(tmp_path, params, top, message):
     space = write_space(tmp_path / "space.yaml", params, **top)
+    with pytest.raises(RecipeError) as err:
+        sweepmod.load_space(space, DEMO)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_list_choices_reach_the_recipe_as_lists():
+    """target_modules lists are categorical choices: Optuna stores each as its JSON text, the trial's
+    recipe and best_recipe.yaml get the list back."""
+    space = sweepmod.load_space(DEMO_SPACE, DEMO)
+    param = space.params["peft.lora.target_modules"]
+    assert param.choices == [["query", "value"], ["query", "key", "value", "dense"]]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(8):
+        trial = study.ask()
+        value = param.suggest(trial)
+        assert trial.params[param.key] == json.dumps(value)  # what the storage holds
+        assert param.value(trial.params[param.key]) == value
+        recipe = load_recipe(DEMO, [sweepmod.override(param.key, value)])
+        assert recipe.peft.lora.target_modules == value
+        drawn.append(tuple(value))
+    assert set(drawn) == {tuple(c) for c in param.choices}
+
+
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        ([["query", {"a": 1}]], "choices: ['query', {'a': 1}]: expected numbers, strings, booleans, null"),
+        ([[], ["query"]], "choices: []: expected numbers, strings, booleans, null, or non-empty lists"),
+        (['["query"]', ["query"]], "repeats a value"),
+    ],
+)
+def test_bad_list_choices(tmp_path, choices, message):
+    space = write_space(tmp_path / "space.yaml", {"peft.lora.target_modules": {"choices": choices}})
     with pytest.raises(RecipeError) as err:
         sweepmod.load_space(space, DEMO)
     assert message in str(err.value) and "\n" not in str(err.value)
