@@ -1,7 +1,8 @@
-"""train.precision on the torch backend (CPU: this machine has AVX-512 BF16): bf16 and fp16 autocast
-the forward with float32 weights and AdamW state; fp16 scales the loss and skips the steps whose
-gradients overflow, and says how many. Also the run's peak memory in final_metrics.json, and the
-one-line refusals (a bad precision; MindSpore, which has no bf16/fp16 CPU kernels)."""
+"""train.precision on the torch backend, on CPU (this machine has AVX2 only: bf16 is slower here):
+bf16 and fp16 autocast the forward with float32 weights and AdamW state; fp16 scales the loss and
+skips the steps whose gradients overflow, and says how many. Also the run's peak memory in
+final_metrics.json, and the one-line refusals (a bad precision; MindSpore, which has no bf16/fp16
+CPU kernels)."""
 
 from __future__ import annotations
 

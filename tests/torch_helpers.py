@@ -21,7 +21,9 @@ def torch_backend():
     from dualtune.backend import get_backend
 
     torch.set_num_threads(1)
-    return get_backend("torch")
+    backend = get_backend("torch")
+    backend.precision = "fp32"  # as dualtune.prepare would set it: an earlier test may have left fp16
+    return backend
 
 
 def cli_command(*args: str) -> list[str]:

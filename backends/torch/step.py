@@ -79,8 +79,12 @@ class TorchBackend(HFBackend):
         return grads, float(norm)
 
     def make_optimizer(self, params, optim_spec):
-        if self.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.torch_device.type, init_scale=self.fp16_init_scale)
+        # A new optimizer, a new scale; none unless fp16 (the backend outlives a run in one process).
+        self.scaler = (
+            torch.amp.GradScaler(self.torch_device.type, init_scale=self.fp16_init_scale)
+            if self.precision == "fp16"
+            else None
+        )
         return torch.optim.AdamW(
             params,
             lr=optim_spec.lr,
