@@ -15,7 +15,9 @@ process with real torch), on the same model weights, data, batch size and sequen
   pieces in ``sides/hf_reference.py``, then the plain generate loop. With ``--against torch`` (and
   ``--backend mindspore``) the reference side is dualtune itself on the torch backend; with
   ``--against fp32`` (and ``train.precision=bf16`` or ``fp16``) it is dualtune on the same backend
-  in fp32: mixed precision against full precision, side by side.
+  in fp32: mixed precision against full precision, side by side. With ``--against nproc1 --nproc N``
+  (torch) the dualtune side is data parallel, N processes under torchrun with batch B/N and T/N
+  threads each, against dualtune on 1 process with batch B and T threads: the same rows per step.
 
 Only the steps after one warm-up step are timed (each side syncs on the loss every step); eval
 times N batches after one warm-up batch. Reported per side: steps/s, tokens/s (non-pad input
@@ -52,13 +54,18 @@ from pathlib import Path
 from common import WARMUP_EVAL_BATCHES, WARMUP_STEPS, BenchError
 from models import make_model, resolve_model
 from processes import BUSY_RETRIES, BUSY_SHARE, child_env, spawn, wait_quiet
-from report import MEDIAN_FIELDS, format_table, machine, ratios, summarize, versions
+from report import MEDIAN_FIELDS, METRICS, NPROC_METRICS, format_table, machine, ratios, summarize, versions
 from sides import run_child
 
 # The bench's defaults, before the user's overrides: synthetic data (the word-level tokenizer's
 # vocabulary), every batch padded to max_length.
 DATA_DEFAULTS = ["data.source=synthetic", "data.padding=max_length"]
-AGAINST = {"reference": "plain HF reference", "torch": "dualtune on torch", "fp32": "dualtune in fp32"}
+AGAINST = {
+    "reference": "plain HF reference",
+    "torch": "dualtune on torch",
+    "fp32": "dualtune in fp32",
+    "nproc1": "dualtune on 1 process",
+}
 
 
 def say(msg: str) -> None:
@@ -119,11 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--against",
-        choices=["reference", "torch", "fp32"],
+        choices=list(AGAINST),
         default="reference",
         help="what the reference side runs: the plain HF reference (default); with "
         "--backend mindspore, dualtune on the torch backend (ratios are then MindSpore / torch); "
-        "fp32: dualtune in fp32 against the recipe's train.precision (e.g. train.precision=bf16)",
+        "fp32: dualtune in fp32 against the recipe's train.precision (e.g. train.precision=bf16); "
+        "nproc1: dualtune on 1 process against --nproc N processes",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="with --against nproc1 (torch): the dualtune side runs data parallel on N processes "
+        "(torchrun), each with train.batch_size / N and --threads / N threads",
     )
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--only", choices=["dualtune", "reference"], help=argparse.SUPPRESS)
@@ -141,12 +156,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def usage_error(args: argparse.Namespace) -> str | None:
-    if min(args.steps, args.eval_batches, args.threads, args.repeat) < 1:
-        return "--steps, --eval-batches, --threads and --repeat must be >= 1"
+    if min(args.steps, args.eval_batches, args.threads, args.repeat, args.nproc) < 1:
+        return "--steps, --eval-batches, --threads, --repeat and --nproc must be >= 1"
     if args.device != "cpu" and (args.backend != "torch" or not args.device.startswith("cuda")):
         return "--device: the bench runs torch on cpu or cuda, mindspore on cpu"
     if args.against == "torch" and args.backend != "mindspore":
         return "--against torch compares the mindspore backend with torch; add --backend mindspore"
+    if (args.nproc > 1) != (args.against == "nproc1"):
+        return "--against nproc1 and --nproc N (N >= 2) go together: N processes against 1"
+    if args.nproc > 1 and args.backend != "torch":
+        return "--nproc: the bench runs data parallel on torch (torchrun) only; msrun is not wired in"
+    if args.nproc > 1 and (args.threads % args.nproc or args.device != "cpu"):
+        return f"--nproc {args.nproc} shares --threads on cpu: --threads {args.threads} is not a multiple"
     return None
 
 
@@ -165,14 +186,29 @@ def set_up(args: argparse.Namespace, work: Path, env: dict) -> tuple[object, dic
                 "add train.precision=bf16 or fp16"
             )
         args.reference = [*args.reference, "train.precision=fp32"]
+    own = []  # the dualtune side's own overrides: --nproc N takes B/N rows per process
+    if args.nproc > 1:
+        batch = recipe.train.batch_size
+        if batch % args.nproc:
+            raise RecipeError(
+                f"train.batch_size {batch}: --nproc {args.nproc} needs a multiple of {args.nproc} "
+                "(each process takes batch_size / nproc rows of the step)"
+            )
+        own = [
+            f"train.batch_size={batch // args.nproc}",
+            f"train.eval_batch_size={recipe.train.eval_batch_size or batch}",
+        ]
     kind, model_dir, model_info = resolve_model(args.model, recipe, work, env, say)
     overrides.append(f"model.name_or_path={model_dir}")
     recipe = load_recipe(args.recipe, overrides)
     load_recipe(args.recipe, overrides + list(args.reference))  # bad reference overrides: fail now
+    load_recipe(args.recipe, overrides + own)
     cfg = {
         "recipe": str(Path(args.recipe).resolve()),
         "overrides": overrides,
         "reference_overrides": list(args.reference),
+        "dualtune_overrides": own,
+        "nproc": args.nproc,
         "backend": args.backend,
         "device": args.device,
         "steps": args.steps,
@@ -193,14 +229,24 @@ def run_side(side: str, rep: int, args: argparse.Namespace, work: Path, env: dic
         if args.wait_quiet:
             usage["other_cpu_share_before"] = wait_quiet(args.wait_quiet, say)
         result = work / f"{side}-{rep}.json"
+        nproc = args.nproc if side == "dualtune" else 1
         spawn(
             ["--child", side, str(work / "config.json"), str(result)],
-            env,
+            {
+                **env,
+                "OMP_NUM_THREADS": str(args.threads // nproc),
+                "MKL_NUM_THREADS": str(args.threads // nproc),
+            },
             work / f"{side}-{rep}.log",
             side,
             usage,
+            nproc,
         )
         got = {**json.loads(result.read_text()), **usage}
+        if args.nproc > 1:  # each process's peak RSS (the others wrote theirs beside process 0's result)
+            rss = [got["peak_rss_mb"]]
+            rss += [json.loads(Path(f"{result}.rank{r}").read_text())["peak_rss_mb"] for r in range(1, nproc)]
+            got.update(peak_rss_mb_per_process=rss, peak_rss_mb=max(rss), peak_rss_mb_summed=sum(rss))
         share = usage.get("other_cpu_share")
         say(
             f"{side} done in {usage['child_wall_seconds']:.1f} s: {got['steps_per_s']:.4g} steps/s"
@@ -258,13 +304,14 @@ def build_report(args, argv: list[str], recipe, cfg: dict, model: dict, sides: d
         "label_max_length": recipe.data.label_max_length,
         "padding": recipe.data.padding,
         "threads": args.threads,
+        "nproc": args.nproc,
         "repeat": args.repeat,
         "machine": machine(*loads),
         "versions": versions(args.backend),
         **sides,
     }
     if len(sides) == 2:
-        report["ratios"] = ratios(sides)
+        report["ratios"] = ratios(sides, NPROC_METRICS if args.nproc > 1 else METRICS)
     return report
 
 
@@ -273,7 +320,9 @@ def print_summary(report: dict, model_kind: str, loads: tuple) -> None:
     print(
         f"{report['recipe']} on {report['backend']} ({report['device']}) against the {report['against']}: model {model_kind}, batch "
         f"{report['batch_size']} x {report['max_length']} ({report['padding']}), {report['steps']} steps, "
-        f"{report['eval_batches']} eval batches, {report['threads']} threads, "
+        f"{report['eval_batches']} eval batches, {report['threads']} threads"
+        + (f" ({report['nproc']} processes against 1)" if report["nproc"] > 1 else "")
+        + ", "
         f"load {loads[0][0]:.2f} -> {loads[1][0]:.2f}"
     )
     print(format_table(report))

@@ -21,10 +21,11 @@ def rate(count: float, seconds: float) -> float:
 
 
 def load_bench_recipe(cfg: dict, extra: list[str] = (), side: str = "dualtune"):
-    """The recipe as a side runs it: the bench's overrides, then (reference side) --reference."""
+    """The recipe as a side runs it: the bench's overrides, then the side's own (the reference's:
+    --reference; the dualtune side's: --nproc's batch size per process)."""
     from dualtune.recipe import load_recipe
 
-    own = list(cfg.get("reference_overrides", [])) if side == "reference" else []
+    own = list(cfg.get(f"{side}_overrides", []))
     return load_recipe(cfg["recipe"], list(cfg["overrides"]) + own + list(extra))
 
 

@@ -76,13 +76,23 @@ def _children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def spawn(args: list[str], env: dict, log_path: Path, what: str, usage: dict | None = None) -> str:
-    """Run bench.py as a child; ``usage`` receives its wall time, its CPU time and the CPU time
-    everything else on the machine used meanwhile (other jobs competing for the cores)."""
+def torchrun(nproc: int) -> list[str]:
+    """The command that runs a script as ``nproc`` processes of this machine, as ``dualtune run
+    --nproc`` does on torch (each process gets RANK and WORLD_SIZE; the backend joins them)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def spawn(
+    args: list[str], env: dict, log_path: Path, what: str, usage: dict | None = None, nproc: int = 1
+) -> str:
+    """Run bench.py as a child (``nproc`` > 1: that many, under torchrun); ``usage`` receives its wall
+    time, its CPU time and the CPU time everything else on the machine used meanwhile (other jobs
+    competing for the cores)."""
     busy0, own0, wall0 = busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable]
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, str(BENCH), *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+            [*launcher, str(BENCH), *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env
         )
     busy1, own1, wall1 = busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     if usage is not None:

@@ -12,14 +12,19 @@ from pathlib import Path
 from common import rate
 
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
+# --against nproc1 adds: examples (all processes') per second, and the processes' peak RSS summed
+# (peak_rss_mb is then the largest process's).
+NPROC_METRICS = METRICS[:2] + ("examples_per_s",) + METRICS[2:] + ("peak_rss_mb_summed",)
 LABELS = {
     "steps_per_s": "train steps/s",
     "tokens_per_s": "train tokens/s",
+    "examples_per_s": "train examples/s",
     "eval_samples_per_s": "eval samples/s",
     "peak_rss_mb": "peak RSS MB",
+    "peak_rss_mb_summed": "peak RSS MB, sum",
 }
 # With --repeat, these are the medians over the runs (the other fields are the last run's).
-MEDIAN_FIELDS = METRICS + (
+MEDIAN_FIELDS = NPROC_METRICS + (
     "train_seconds",
     "eval_seconds",
     "wall_seconds",
@@ -42,8 +47,8 @@ def summarize(results: list[dict]) -> dict:
     return out
 
 
-def ratios(sides: dict) -> dict:
-    return {k: rate(sides["dualtune"][k], sides["reference"][k]) for k in METRICS}
+def ratios(sides: dict, metrics: tuple = METRICS) -> dict:
+    return {k: rate(sides["dualtune"][k], sides["reference"][k]) for k in metrics}
 
 
 def format_table(report: dict) -> str:
@@ -51,8 +56,11 @@ def format_table(report: dict) -> str:
     names = ("dualtune", "reference", "ratio d/r")
     if report.get("against") == "dualtune in fp32":  # mixed precision against fp32, both dualtune
         names = (report["precision"], "fp32", f"{report['precision']}/fp32")
+    if report.get("nproc", 1) > 1:  # data parallel against one process, both dualtune
+        n, t = report["nproc"], report["threads"]
+        names = (f"{n} x {t // n} thr", f"1 x {t} thr", f"{n}x{t // n}/1x{t}")
     lines = [f"{'':<18}{names[0]:>12}{names[1]:>12}{names[2]:>11}"]
-    for k in METRICS:
+    for k in q:
         lines.append(f"{LABELS[k]:<18}{d[k]:>12.4g}{r[k]:>12.4g}{q[k]:>11.3f}")
     if "peak_gpu_mb" in d and "peak_gpu_mb" in r:  # --device cuda
         gpu = (d["peak_gpu_mb"], r["peak_gpu_mb"])

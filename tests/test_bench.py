@@ -20,6 +20,7 @@ from helpers import RECIPES, REPO
 BENCHMARKS = REPO / "benchmarks"
 BENCH = BENCHMARKS / "bench.py"
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
+NPROC_METRICS = METRICS + ("examples_per_s", "peak_rss_mb_summed")  # --against nproc1 adds these
 SIDE_FIELDS = METRICS + (
     "train_steps",
     "train_seconds",
@@ -60,19 +61,19 @@ def run_bench(backend: str, model: str, out, *extra: str) -> dict:
         timeout=300,
     )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    ratio = "bf16/fp32" if "fp32" in extra else "ratio d/r"
+    ratio = "bf16/fp32" if "fp32" in extra else "2x1/1x2" if "nproc1" in extra else "ratio d/r"
     assert ratio in proc.stdout and "eval samples/s" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
 
 
-def check_report(report: dict, backend: str) -> None:
+def check_report(report: dict, backend: str, metrics: tuple = METRICS) -> None:
     assert report["backend"] == backend
     assert (report["steps"], report["eval_batches"], report["batch_size"]) == (2, 1, 8)
     assert report["padding"] == "max_length" and report["max_length"] == 128
     for side in ("dualtune", "reference"):
         got = report[side]
         assert set(SIDE_FIELDS) <= set(got), f"{side} lacks {sorted(set(SIDE_FIELDS) - set(got))}"
-        for key in METRICS + ("train_seconds", "train_tokens", "eval_samples", "eval_seconds"):
+        for key in metrics + ("train_seconds", "train_tokens", "eval_samples", "eval_seconds"):
             assert isinstance(got[key], (int, float)) and math.isfinite(got[key]) and got[key] > 0, (
                 side,
                 key,
@@ -86,8 +87,8 @@ def check_report(report: dict, backend: str) -> None:
     # Same model, same method: the same number of trainable and total parameters on both sides.
     assert report["dualtune"]["trainable_parameters"] == report["reference"]["trainable_parameters"] > 0
     assert report["dualtune"]["total_parameters"] == report["reference"]["total_parameters"]
-    assert set(report["ratios"]) == set(METRICS)
-    for key in METRICS:
+    assert set(report["ratios"]) == set(metrics)
+    for key in metrics:
         assert report["ratios"][key] == pytest.approx(
             report["dualtune"][key] / report["reference"][key], rel=1e-12
         )
@@ -149,6 +150,59 @@ def test_bench_bf16_against_fp32(tiny_t5, tmp_path):
     # the same start, rounded differently: bf16 is on (measured 1e-4 relative on the first loss)
     first = report["dualtune"]["first_loss"], report["reference"]["first_loss"]
     assert first[0] != first[1] and first[0] == pytest.approx(first[1], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_bench_two_processes_against_one(tiny_t5, tmp_path):
+    """--nproc 2 --against nproc1: 2 processes x 1 thread x batch 4 against 1 x 2 threads x batch 8,
+    the same rows per step (so the same tokens and, without dropout, the same losses)."""
+    report = run_bench(
+        "torch",
+        tiny_t5,
+        tmp_path / "b.json",
+        "train.dropout=false",
+        "--nproc",
+        "2",
+        "--against",
+        "nproc1",
+        "--threads",
+        "2",
+    )
+    check_report(report, "torch", NPROC_METRICS)
+    d, r = report["dualtune"], report["reference"]
+    assert (report["against"], report["nproc"], d["nproc"], r["nproc"]) == ("dualtune on 1 process", 2, 2, 1)
+    assert (d["train_batch_shape"], r["train_batch_shape"]) == ([4, 128], [8, 128])
+    assert d["train_examples"] == r["train_examples"] == 2 * 8
+    assert d["train_tokens"] == r["train_tokens"]
+    assert len(d["peak_rss_mb_per_process"]) == 2 and len(r["peak_rss_mb_per_process"]) == 1
+    assert d["peak_rss_mb_summed"] == sum(d["peak_rss_mb_per_process"]) > d["peak_rss_mb"]
+    assert d["peak_rss_mb"] == max(d["peak_rss_mb_per_process"])
+    # measured: 7e-8 relative (the gradients summed over gloo in another order)
+    for key in ("first_loss", "last_loss"):
+        assert d[key] == pytest.approx(r[key], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--nproc", "2"], "--against nproc1 and --nproc N (N >= 2) go together: N processes against 1"),
+        (
+            ["--nproc", "2", "--against", "nproc1", "--threads", "2", "train.batch_size=7"],
+            "train.batch_size 7: --nproc 2 needs a multiple of 2 (each process takes batch_size / nproc "
+            "rows of the step)",
+        ),
+    ],
+)
+def test_bench_nproc_refusals(extra, line):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), str(RECIPES / "t5_prefix.yaml"), *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"bench: error: {line}"
 
 
 def test_bench_against_fp32_needs_mixed_precision():

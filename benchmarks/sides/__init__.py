@@ -3,7 +3,8 @@
 * ``dualtune_side``: dualtune's own prepare + train, timed through a loop callback.
 * the reference: ``reference_torch`` (HF Trainer + peft) or ``reference_mindspore`` (a plain mindnlp
   loop), from the pieces both share in ``hf_reference``; with --against torch, dualtune itself on the
-  torch backend; with --against fp32, dualtune itself in fp32.
+  torch backend; with --against fp32, dualtune itself in fp32; with --against nproc1, dualtune
+  itself on one process (the dualtune side then runs as ``--nproc`` processes under torchrun).
 
 A side module is imported only in its own child: this package imports no framework.
 """
@@ -11,6 +12,7 @@ A side module is imported only in its own child: this package imports no framewo
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,8 +26,8 @@ def run_side(side: str, cfg: dict) -> dict:
         from sides.dualtune_side import run_dualtune
 
         return run_dualtune(cfg)
-    if cfg.get("against") in ("torch", "fp32"):  # the reference side is dualtune itself: on torch,
-        from sides.dualtune_side import run_dualtune  # or in fp32 (its train.precision=fp32 override)
+    if cfg.get("against") in ("torch", "fp32", "nproc1"):  # the reference side is dualtune itself: on
+        from sides.dualtune_side import run_dualtune  # torch, in fp32 (train.precision=fp32), on 1 process
 
         return run_dualtune(
             {**cfg, "backend": "torch" if cfg["against"] == "torch" else cfg["backend"]}, side
@@ -44,10 +46,17 @@ def run_child(side: str, cfg_path: str, result_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     started = time.perf_counter()
     result = run_side(side, cfg)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's: --nproc runs this side as several processes
+    if rank != 0:  # its peak RSS, beside process 0's result (the parent adds them up)
+        rss = {"peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_phase": result["peak_rss_mb_by_phase"]}
+        Path(f"{result_path}.rank{rank}").write_text(json.dumps(rss, indent=2))
+        return 0
     result["wall_seconds"] = time.perf_counter() - started
     result["steps_per_s"] = rate(result["train_steps"], result["train_seconds"])
     result["tokens_per_s"] = rate(result["train_tokens"], result["train_seconds"])
     result["eval_samples_per_s"] = rate(result["eval_samples"], result["eval_seconds"])
+    if "train_examples" in result:
+        result["examples_per_s"] = rate(result["train_examples"], result["train_seconds"])
     result["peak_rss_mb"] = peak_rss_mb()
     result["peak_rss_mb_by_phase"]["eval"] = result["peak_rss_mb"]
     if cfg.get("device", "cpu").startswith("cuda"):

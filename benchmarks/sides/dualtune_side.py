@@ -1,7 +1,11 @@
 """The dualtune side: ``dualtune.prepare.prepare`` + ``dualtune.trainer.train`` (the real loop, with
 ``train.max_steps`` = warm-up + N and in-loop evaluation switched off), timed through a loop callback;
 then greedy ``backend.generate`` (seq2seq) or ``backend.eval_batch`` + argmax (classification) over
-N eval batches spread over the eval order."""
+N eval batches spread over the eval order.
+
+Under data parallel (``--nproc N``: this side runs as N processes under torchrun) every process
+trains; process 0's clock times the steps (the processes step together: one all-reduce per step)
+and process 0 alone evaluates, as ``dualtune run --nproc`` does."""
 
 from __future__ import annotations
 
@@ -20,19 +24,22 @@ from common import (
 from dualtune.rundir import peak_rss_mb
 
 
-def step_clock():
-    """A loop callback that notes when each step ends (the loss has been read: the step is done)
-    and its tokens."""
+def step_clock(n_train: int, step_rows: int):
+    """A loop callback that notes when each step ends (the loss has been read: the step is done),
+    its tokens and its examples (``step_rows``, all processes' together; fewer in an epoch's last
+    step)."""
     from dualtune.callbacks import Callback
 
     class StepClock(Callback):
         def __init__(self):
             self.step_ends: list[float] = []
             self.step_tokens: list[int] = []
+            self.step_examples: list[int] = []
 
         def on_step_end(self, state, record):
             self.step_ends.append(time.perf_counter())
             self.step_tokens.append(record["tokens"])
+            self.step_examples.append(min(step_rows, n_train - (state.position - 1) * step_rows))
 
     return StepClock()
 
@@ -40,11 +47,12 @@ def step_clock():
 def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     """dualtune's loop for ``total`` steps (enough epochs for them), with the step clock attached."""
     from dualtune import data as datamap
-    from dualtune.trainer import train
+    from dualtune.trainer import step_batch_size, train
 
-    per_epoch = datamap.num_batches(len(prep.train_set), recipe.train.batch_size)
+    step_rows = step_batch_size(recipe, backend.world()[1])
+    per_epoch = datamap.num_batches(len(prep.train_set), step_rows)
     prep.recipe.train.epochs = max(recipe.train.epochs, math.ceil(total / per_epoch))
-    clock = step_clock()
+    clock = step_clock(len(prep.train_set), step_rows)
     records, _ = train(backend, prep, [clock])
     if len(records) != total or len(clock.step_ends) != total:
         raise BenchError(
@@ -98,10 +106,11 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     from dualtune.backend import get_backend
 
     backend = get_backend(cfg["backend"], cfg.get("device", "cpu"))
+    nproc = cfg.get("nproc", 1) if side == "dualtune" else 1
     if cfg["backend"] == "torch":
         import torch
 
-        torch.set_num_threads(cfg["threads"])
+        torch.set_num_threads(cfg["threads"] // nproc)  # --nproc: the threads shared out
     from dualtune import data as datamap
     from dualtune.prepare import prepare
 
@@ -112,12 +121,16 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     rss = {"setup": peak_rss_mb()}
     records, clock = timed_train(backend, prep, recipe, total)
     rss["train"] = peak_rss_mb()
+    if backend.world()[0] != 0:  # data parallel: process 0 reports the side (and evaluates)
+        return {"peak_rss_mb_by_phase": rss}
     samples, eval_seconds = timed_eval(backend, prep, cfg["eval_batches"])
     r, tok = prep.recipe, prep.tokenizer
     return {
         "data": data_settings(r),
         "what": f"dualtune prepare + train ({backend.name}), backend.generate / eval_batch",
         **timed_steps(cfg["steps"], clock.step_ends, clock.step_tokens),
+        "train_examples": sum(clock.step_examples[WARMUP_STEPS:]),
+        "nproc": backend.world()[1],
         "peak_rss_mb_by_phase": rss,
         "eval_samples": samples,
         "eval_seconds": eval_seconds,
