@@ -47,6 +47,26 @@ class HFBackend(Backend):
         self.device = device
 
     # -- tensors
+    def all_reduce_sum(self, tensors, scalars):
+        if self.world()[1] == 1:
+            return tensors, scalars
+        # One collective for the step: every gradient and the scalars in one flat float32 buffer.
+        flat = torch.cat(
+            [t.reshape(-1).float() for t in tensors]
+            + [torch.tensor(scalars, dtype=torch.float32, device=self.torch_device)]
+        )
+        summed = self.all_reduce_flat(flat)
+        out, start = [], 0
+        for t in tensors:
+            out.append(summed[start : start + t.numel()].view_as(t).to(t.dtype))
+            start += t.numel()
+        return out, [float(x) for x in self.to_numpy(summed[start:])]
+
+    def all_reduce_flat(self, flat):
+        """The element-wise sum of ``flat`` (one float32 vector) over every process: the stack's
+        collective (only called with more than one process)."""
+        raise NotImplementedError
+
     def to_numpy(self, tensor) -> np.ndarray:
         return tensor.detach().cpu().numpy()
 

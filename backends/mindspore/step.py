@@ -247,24 +247,12 @@ class MindSporeBackend(HFBackend):
             return 0, 1
         return communication.get_rank(), communication.get_group_size()
 
-    def all_reduce_sum(self, tensors, scalars):
-        if self.world()[1] == 1:
-            return tensors, scalars
-        # One collective for the step: every gradient and the scalars in one flat float32 buffer.
+    def all_reduce_flat(self, flat):
         # MindSpore's AllReduce primitive, the one that runs on CPU (mccl, measured under msrun):
         # ``communication.comm_func.all_reduce`` has no CPU kernel in MindSpore 2.7 ("Create
         # kernelmod for op InnerCommAllReduce failed"), and mindtorch's ``torch.distributed`` on an
         # mccl group fails ("'ProcessGroup' object has no attribute 'device'").
-        flat = torch.cat(
-            [t.reshape(-1).float() for t in tensors]
-            + [torch.tensor(scalars, dtype=torch.float32, device=self.torch_device)]
-        )
-        summed = torch.tensor(mindspore.ops.AllReduce()(flat), device=flat.device)
-        out, start = [], 0
-        for t in tensors:
-            out.append(summed[start : start + t.numel()].view_as(t).to(t.dtype))
-            start += t.numel()
-        return out, [float(x) for x in self.to_numpy(summed[start:])]
+        return torch.tensor(mindspore.ops.AllReduce()(flat), device=flat.device)
 
     def optimizer_state(self, optimizer):
         return {

@@ -117,20 +117,9 @@ class TorchBackend(HFBackend):
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def all_reduce_sum(self, tensors, scalars):
-        if self.world()[1] == 1:
-            return tensors, scalars
-        # One collective for the step: every gradient and the scalars in one flat float32 buffer.
-        flat = torch.cat(
-            [t.reshape(-1).float() for t in tensors]
-            + [torch.tensor(scalars, dtype=torch.float32, device=self.torch_device)]
-        )
+    def all_reduce_flat(self, flat):
         torch.distributed.all_reduce(flat)
-        out, start = [], 0
-        for t in tensors:
-            out.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
-            start += t.numel()
-        return out, [float(x) for x in flat[start:].tolist()]
+        return flat
 
     def optimizer_state(self, optimizer):
         params = optimizer.param_groups[0]["params"]
