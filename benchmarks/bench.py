@@ -326,6 +326,14 @@ def print_summary(report: dict, model_kind: str, loads: tuple) -> None:
         f"load {loads[0][0]:.2f} -> {loads[1][0]:.2f}"
     )
     print(format_table(report))
+    for side in ("dualtune", "reference"):
+        got = report[side]
+        if got.get("compile_seconds_total"):
+            print(
+                f"{side}: {got['compile_seconds_total']:.1f} s compiling graphs in all, "
+                f"{got['compile_seconds']:.1f} s of it in the timed steps, {got['eval_compile_seconds']:.1f} s "
+                'in the timed eval ("compiled" rows: those seconds taken out)'
+            )
     shares = [report[s].get("other_cpu_share") for s in ("dualtune", "reference")]
     if None not in shares:
         print(

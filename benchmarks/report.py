@@ -12,6 +12,8 @@ from pathlib import Path
 from common import rate
 
 METRICS = ("steps_per_s", "tokens_per_s", "eval_samples_per_s", "peak_rss_mb")
+# dualtune sides also report their rates with graph compiles taken out (a row where both sides have it)
+COMPILED_METRICS = ("steps_per_s_compiled", "eval_samples_per_s_compiled")
 # --against nproc1 adds: examples (all processes') per second, and the processes' peak RSS summed
 # (peak_rss_mb is then the largest process's).
 NPROC_METRICS = METRICS[:2] + ("examples_per_s",) + METRICS[2:] + ("peak_rss_mb_summed",)
@@ -22,16 +24,24 @@ LABELS = {
     "eval_samples_per_s": "eval samples/s",
     "peak_rss_mb": "peak RSS MB",
     "peak_rss_mb_summed": "peak RSS MB, sum",
+    "steps_per_s_compiled": "steps/s, compiled",
+    "eval_samples_per_s_compiled": "eval/s, compiled",
 }
 # With --repeat, these are the medians over the runs (the other fields are the last run's).
-MEDIAN_FIELDS = NPROC_METRICS + (
-    "train_seconds",
-    "eval_seconds",
-    "wall_seconds",
-    "child_wall_seconds",
-    "child_cpu_seconds",
-    "other_cpu_seconds",
-    "other_cpu_share",
+MEDIAN_FIELDS = (
+    NPROC_METRICS
+    + COMPILED_METRICS
+    + (
+        "compile_seconds",
+        "eval_compile_seconds",
+        "train_seconds",
+        "eval_seconds",
+        "wall_seconds",
+        "child_wall_seconds",
+        "child_cpu_seconds",
+        "other_cpu_seconds",
+        "other_cpu_share",
+    )
 )
 
 
@@ -48,7 +58,9 @@ def summarize(results: list[dict]) -> dict:
 
 
 def ratios(sides: dict, metrics: tuple = METRICS) -> dict:
-    return {k: rate(sides["dualtune"][k], sides["reference"][k]) for k in metrics}
+    d, r = sides["dualtune"], sides["reference"]
+    compiled = tuple(k for k in COMPILED_METRICS if k in d and k in r)
+    return {k: rate(d[k], r[k]) for k in metrics + compiled}
 
 
 def format_table(report: dict) -> str:

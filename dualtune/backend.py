@@ -140,6 +140,11 @@ class Backend(FrameworkStep):
         framework reports none (CPU)."""
         return None
 
+    def compile_seconds(self) -> float | None:
+        """Seconds this process spent compiling graphs (each graph's first call per shape, its
+        run included), or None where the backend compiles none."""
+        return None
+
     # -- tensors
     @abstractmethod
     def to_numpy(self, tensor: Tensor) -> np.ndarray: ...

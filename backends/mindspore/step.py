@@ -7,7 +7,9 @@ Imported by ``create`` after activation: its ``import torch`` must resolve to mi
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 
 import mindspore
@@ -18,7 +20,13 @@ from mindspore import communication
 from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
-from dualtune.backends.mindspore import DEVICES, compat
+from dualtune.backends.mindspore import DEVICES, compat, graph
+
+log = logging.getLogger("dualtune")
+
+# mindspore.jit levels: O0 on CPU (measured here); O1 (operator fusion) on Ascend, as MindSpore
+# recommends there; not run on Ascend or GPU.
+JIT_LEVELS = {"cpu": "O0", "ascend": "O1", "gpu": "O0"}
 
 
 def frozen_encoder(model, params):
@@ -145,6 +153,38 @@ class MindSporeBackend(HFBackend):
     def __init__(self, device: str):
         super().__init__(device)
         self._grad_fns: dict = {}
+        self.graph_stats = {"compiles": 0, "compile_seconds": 0.0}
+
+    def compile_seconds(self):
+        return self.graph_stats["compile_seconds"] if self.graph_stats["compiles"] else None
+
+    def compiled(self, model, params=None):
+        """The model's compiled graphs (``graph.CompiledT5``), or None where they do not apply:
+        switched off (``DUALTUNE_MINDSPORE_GRAPH=0``), a model or adapter not written as a graph,
+        gradient checkpointing (the graphs keep their own activations). Built once per model and
+        trainable set; the reason for None is logged once."""
+        if params is None:
+            params = [p for _, p in self.trainable_parameters(model)]
+        key = tuple(id(p) for p in params)
+        cached = getattr(model, "_dualtune_graph", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        reason = graph.why_not(model)
+        if os.environ.get("DUALTUNE_MINDSPORE_GRAPH", "1") == "0":
+            reason = "off (DUALTUNE_MINDSPORE_GRAPH=0)"
+        elif getattr(model, "is_gradient_checkpointing", False):
+            reason = "gradient checkpointing runs op by op"
+        if reason is None:
+            compiled = graph.CompiledT5(
+                model, params, DROPOUT_RNG, jit_level=JIT_LEVELS[self.device], stats=self.graph_stats
+            )
+            log.info("mindspore: T5 as compiled graphs (each new batch shape compiles once, 15-30 s on CPU)")
+        else:
+            compiled = None
+            if cached is None:
+                log.info("mindspore: op by op, no compiled graphs: %s", reason)
+        model._dualtune_graph = (key, compiled)
+        return compiled
 
     @property
     def torch_device(self):
@@ -182,6 +222,15 @@ class MindSporeBackend(HFBackend):
         return {k: torch.tensor(v, dtype=torch.long, device=self.torch_device) for k, v in batch.items()}
 
     def value_and_grad(self, model, params, batch):
+        compiled = self.compiled(model, params)
+        if compiled is not None:
+            loss, grads = compiled.value_and_grad(
+                *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels")),
+                training=model.training,
+            )
+            # the graph's outputs are bare MindSpore tensors: give them a device for mindtorch ops
+            device = params[0].device
+            return torch.tensor(loss, device=device), [torch.tensor(g, device=device) for g in grads]
         key = (id(model), len(params))
         if key not in self._grad_fns:
 
@@ -202,6 +251,22 @@ class MindSporeBackend(HFBackend):
         loss, grads = grad_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], *hidden)
         # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
         return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
+
+    def eval_batch(self, model, batch):
+        compiled = self.compiled(model) if "labels" in batch else None
+        if compiled is None:
+            return super().eval_batch(model, batch)
+        return compiled.loss_and_logits(
+            *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels"))
+        )
+
+    def generate(self, model, batch, max_new_tokens):
+        compiled = self.compiled(model)
+        if compiled is None:
+            return super().generate(model, batch, max_new_tokens)
+        return compiled.generate(
+            batch["input_ids"].asnumpy(), batch["attention_mask"].asnumpy(), max_new_tokens
+        )
 
     def clip_grads(self, grads, max_norm):
         # One host read for the whole norm (a float() per tensor costs a device sync each).

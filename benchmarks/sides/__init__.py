@@ -55,6 +55,13 @@ def run_child(side: str, cfg_path: str, result_path: str) -> int:
     result["steps_per_s"] = rate(result["train_steps"], result["train_seconds"])
     result["tokens_per_s"] = rate(result["train_tokens"], result["train_seconds"])
     result["eval_samples_per_s"] = rate(result["eval_samples"], result["eval_seconds"])
+    if "compile_seconds" in result:  # the same rates with the graph compiles taken out
+        result["steps_per_s_compiled"] = rate(
+            result["train_steps"], result["train_seconds"] - result["compile_seconds"]
+        )
+        result["eval_samples_per_s_compiled"] = rate(
+            result["eval_samples"], result["eval_seconds"] - result["eval_compile_seconds"]
+        )
     if "train_examples" in result:
         result["examples_per_s"] = rate(result["train_examples"], result["train_seconds"])
     result["peak_rss_mb"] = peak_rss_mb()

@@ -24,10 +24,10 @@ from common import (
 from dualtune.rundir import peak_rss_mb
 
 
-def step_clock(n_train: int, step_rows: int):
+def step_clock(n_train: int, step_rows: int, backend):
     """A loop callback that notes when each step ends (the loss has been read: the step is done),
-    its tokens and its examples (``step_rows``, all processes' together; fewer in an epoch's last
-    step)."""
+    its tokens, its examples (``step_rows``, all processes' together; fewer in an epoch's last
+    step) and the backend's compile seconds so far."""
     from dualtune.callbacks import Callback
 
     class StepClock(Callback):
@@ -35,9 +35,11 @@ def step_clock(n_train: int, step_rows: int):
             self.step_ends: list[float] = []
             self.step_tokens: list[int] = []
             self.step_examples: list[int] = []
+            self.compile_seconds: list[float] = []
 
         def on_step_end(self, state, record):
             self.step_ends.append(time.perf_counter())
+            self.compile_seconds.append(backend.compile_seconds() or 0.0)
             self.step_tokens.append(record["tokens"])
             self.step_examples.append(min(step_rows, n_train - (state.position - 1) * step_rows))
 
@@ -52,7 +54,7 @@ def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     step_rows = step_batch_size(recipe, backend.world()[1])
     per_epoch = datamap.num_batches(len(prep.train_set), step_rows)
     prep.recipe.train.epochs = max(recipe.train.epochs, math.ceil(total / per_epoch))
-    clock = step_clock(len(prep.train_set), step_rows)
+    clock = step_clock(len(prep.train_set), step_rows, backend)
     records, _ = train(backend, prep, [clock])
     if len(records) != total or len(clock.step_ends) != total:
         raise BenchError(
@@ -61,8 +63,9 @@ def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     return records, clock
 
 
-def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
-    """(samples, seconds) of ``n_batches`` full eval batches after the warm-up batch(es).
+def timed_eval(backend, prep, n_batches: int) -> tuple[int, float, float]:
+    """(samples, seconds, compile seconds) of ``n_batches`` full eval batches after the warm-up
+    batch(es).
 
     evaluate() reads the eval split longest first (data.eval_order); the batches timed are spread
     evenly over that order (the longest one is the warm-up), not just its longest few."""
@@ -89,7 +92,7 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
     samples, started = 0, None
     for i, np_batch in enumerate(it):
         if i == WARMUP_EVAL_BATCHES:
-            started = time.perf_counter()
+            started, compiled = time.perf_counter(), backend.compile_seconds() or 0.0
         batch = backend.to_tensors(np_batch)
         if task == "seq2seq":
             ids = backend.generate(prep.model, batch, r.data.label_max_length)
@@ -99,7 +102,9 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float]:
             logits.argmax(-1)
         if i >= WARMUP_EVAL_BATCHES:
             samples += len(np_batch["input_ids"])
-    return samples, (time.perf_counter() - started if started is not None else 0.0)
+    if started is None:
+        return samples, 0.0, 0.0
+    return samples, time.perf_counter() - started, (backend.compile_seconds() or 0.0) - compiled
 
 
 def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
@@ -123,7 +128,7 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     rss["train"] = peak_rss_mb()
     if backend.world()[0] != 0:  # data parallel: process 0 reports the side (and evaluates)
         return {"peak_rss_mb_by_phase": rss}
-    samples, eval_seconds = timed_eval(backend, prep, cfg["eval_batches"])
+    samples, eval_seconds, eval_compile = timed_eval(backend, prep, cfg["eval_batches"])
     r, tok = prep.recipe, prep.tokenizer
     return {
         "data": data_settings(r),
@@ -134,6 +139,11 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
         "peak_rss_mb_by_phase": rss,
         "eval_samples": samples,
         "eval_seconds": eval_seconds,
+        # graph compilation inside the timed steps / eval batches (MindSpore's compiled graphs: each
+        # new batch shape compiles once); 0 where the backend compiles nothing
+        "compile_seconds": clock.compile_seconds[-1] - clock.compile_seconds[WARMUP_STEPS - 1],
+        "eval_compile_seconds": eval_compile,
+        "compile_seconds_total": backend.compile_seconds() or 0.0,
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
         "trainable_parameters": sum(prep.trainable.values()),

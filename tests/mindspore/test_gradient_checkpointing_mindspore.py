@@ -30,3 +30,10 @@ def test_checkpointed_run_matches_plain_run(ms, tiny_t5, fin_data):
     assert (calls, ck_calls) == (4, 8)  # one forward per step; with checkpointing one more in backward
     assert plain[-1] < plain[0]
     np.testing.assert_allclose(checkpointed, plain, rtol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def op_by_op(monkeypatch):
+    """Checkpointing runs op by op (the compiled graphs keep their own activations): the plain side
+    too, so both count the layer's calls through the same hooks."""
+    monkeypatch.setenv("DUALTUNE_MINDSPORE_GRAPH", "0")
