@@ -149,11 +149,13 @@ class Plan:
 
     def _linear(self, add, name, module):
         parts = _lora_parts(module) if hasattr(module, "lora_A") else None
+        base = module if parts is None else module.base_layer
+        add(name, base.weight)
+        if base.bias is not None:  # T5 has none; models built with them (the tests' tiny T5) do
+            add(name + ".bias", base.bias)
         if parts is None:
-            add(name, module.weight)
             return
         a, b, scaling, _ = parts
-        add(name, module.base_layer.weight)
         add(name + ".lora_A", a)
         add(name + ".lora_B", b)
         self.lora[name] = scaling
@@ -231,6 +233,8 @@ class T5Graph(nn.Cell):
 
     def linear(self, t, f, masks, x, name):
         y = self.matmul_t(x, self.w(t, f, name))
+        if name + ".bias" in self.index:
+            y = y + self.w(t, f, name + ".bias")
         if name in self.lora:
             xa = self.drop(masks, x, name + ".lora")
             lora = self.matmul_t(
@@ -373,6 +377,10 @@ def _graph_tensor(tensor):
     return mindspore.Tensor(tensor)
 
 
+def _unused():
+    return mindspore.Tensor(np.zeros(1, np.float32))
+
+
 def _pynative_grad_off():
     import torch  # mindtorch here
 
@@ -421,9 +429,10 @@ class CompiledT5:
     def _weights(self):
         # mutable: a tuple given to a graph is otherwise a constant (compiled in, no gradient)
         return (
-            mindspore.mutable(tuple(_graph_tensor(p) for p in self.plan.trainable)),  # this step's values
-            # never empty (full fine-tuning freezes nothing): MindSpore fails on an empty input tuple
-            mindspore.mutable(tuple(self.plan.frozen) or (mindspore.Tensor(np.zeros(1, np.float32)),)),
+            # Neither tuple may be empty (full fine-tuning freezes nothing, a loaded adapter trains
+            # nothing): MindSpore fails on an empty input tuple, so an unused zero stands in.
+            mindspore.mutable(tuple(_graph_tensor(p) for p in self.plan.trainable) or (_unused(),)),
+            mindspore.mutable(tuple(self.plan.frozen) or (_unused(),)),
         )
 
     def host_inputs(self, input_ids, attention_mask, labels):

@@ -172,6 +172,8 @@ class MindSporeBackend(HFBackend):
         reason = graph.why_not(model)
         if os.environ.get("DUALTUNE_MINDSPORE_GRAPH", "1") == "0":
             reason = "off (DUALTUNE_MINDSPORE_GRAPH=0)"
+        elif os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") == "0":
+            reason = "mindtorch corrections off (the graphs always compute T5's buckets in float64)"
         elif getattr(model, "is_gradient_checkpointing", False):
             reason = "gradient checkpointing runs op by op"
         if reason is None:
