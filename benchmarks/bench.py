@@ -332,7 +332,7 @@ def print_summary(report: dict, model_kind: str, loads: tuple) -> None:
             print(
                 f"{side}: {got['compile_seconds_total']:.1f} s compiling graphs in all, "
                 f"{got['compile_seconds']:.1f} s of it in the timed steps, {got['eval_compile_seconds']:.1f} s "
-                'in the timed eval ("compiled" rows: those seconds taken out)'
+                'in the timed eval ("compiled" rows: the timed steps that compiled nothing; eval: a second pass)'
             )
     shares = [report[s].get("other_cpu_share") for s in ("dualtune", "reference")]
     if None not in shares:

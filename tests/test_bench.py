@@ -144,7 +144,8 @@ def test_bench_mindspore_against_torch(tiny_t5, tmp_path):
     # the timed batches having the same bucketed shapes); torch compiles nothing
     ms, pt = report["dualtune"], report["reference"]
     assert ms["compile_seconds_total"] > 0 and pt["compile_seconds_total"] == 0
-    assert ms["steps_per_s_compiled"] >= ms["steps_per_s"] and pt["steps_per_s_compiled"] == pt["steps_per_s"]
+    assert ms["steps_per_s_compiled"] >= ms["steps_per_s"]
+    assert pt["steps_per_s_compiled"] == pytest.approx(pt["steps_per_s"], rel=1e-9)
 
 
 @pytest.mark.slow

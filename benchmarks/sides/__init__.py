@@ -56,12 +56,8 @@ def run_child(side: str, cfg_path: str, result_path: str) -> int:
     result["tokens_per_s"] = rate(result["train_tokens"], result["train_seconds"])
     result["eval_samples_per_s"] = rate(result["eval_samples"], result["eval_seconds"])
     if "compile_seconds" in result:  # the same rates with the graph compiles taken out
-        result["steps_per_s_compiled"] = rate(
-            result["train_steps"], result["train_seconds"] - result["compile_seconds"]
-        )
-        result["eval_samples_per_s_compiled"] = rate(
-            result["eval_samples"], result["eval_seconds"] - result["eval_compile_seconds"]
-        )
+        # the steps that compiled nothing; eval: a second pass over the timed batches
+        result["steps_per_s_compiled"] = rate(result["warm_steps"], result["warm_step_seconds"])
     if "train_examples" in result:
         result["examples_per_s"] = rate(result["train_examples"], result["train_seconds"])
     result["peak_rss_mb"] = peak_rss_mb()

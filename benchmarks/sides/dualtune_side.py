@@ -46,6 +46,15 @@ def step_clock(n_train: int, step_rows: int, backend):
     return StepClock()
 
 
+def warm_steps(clock) -> dict:
+    compiled = [
+        b - a for a, b in zip(clock.compile_seconds[WARMUP_STEPS - 1 :], clock.compile_seconds[WARMUP_STEPS:])
+    ]
+    seconds = [b - a for a, b in zip(clock.step_ends[WARMUP_STEPS - 1 :], clock.step_ends[WARMUP_STEPS:])]
+    warm = [t for t, c in zip(seconds, compiled) if c == 0]
+    return {"warm_steps": len(warm), "warm_step_seconds": sum(warm)}
+
+
 def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     """dualtune's loop for ``total`` steps (enough epochs for them), with the step clock attached."""
     from dualtune import data as datamap
@@ -63,9 +72,10 @@ def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     return records, clock
 
 
-def timed_eval(backend, prep, n_batches: int) -> tuple[int, float, float]:
-    """(samples, seconds, compile seconds) of ``n_batches`` full eval batches after the warm-up
-    batch(es).
+def timed_eval(backend, prep, n_batches: int) -> tuple[int, float, float, float]:
+    """(samples, seconds, compile seconds, samples/s without compiles) of ``n_batches`` full eval
+    batches after the warm-up batch(es); where the backend compiles graphs, the last is a second
+    pass over the same batches.
 
     evaluate() reads the eval split longest first (data.eval_order); the batches timed are spread
     evenly over that order (the longest one is the warm-up), not just its longest few."""
@@ -89,8 +99,19 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float, float]:
         task,
         order=np.concatenate([order[a : a + bs] for a in picked]),
     )
-    samples, started = 0, None
-    for i, np_batch in enumerate(it):
+    batches = list(it)
+    samples, seconds, compiled = _eval_pass(backend, prep, batches)
+    if backend.compile_seconds() is None:
+        return samples, seconds, compiled, samples / seconds if seconds > 0 else float("nan")
+    # graphs: the same batches once more, every shape compiled: the rate without compiles
+    _, warm_seconds, _ = _eval_pass(backend, prep, batches)
+    return samples, seconds, compiled, samples / warm_seconds if warm_seconds > 0 else float("nan")
+
+
+def _eval_pass(backend, prep, batches) -> tuple[int, float, float]:
+    r, task, tok = prep.recipe, prep.recipe.model.task, prep.tokenizer
+    samples, started, compiled = 0, None, 0.0
+    for i, np_batch in enumerate(batches):
         if i == WARMUP_EVAL_BATCHES:
             started, compiled = time.perf_counter(), backend.compile_seconds() or 0.0
         batch = backend.to_tensors(np_batch)
@@ -128,7 +149,7 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
     rss["train"] = peak_rss_mb()
     if backend.world()[0] != 0:  # data parallel: process 0 reports the side (and evaluates)
         return {"peak_rss_mb_by_phase": rss}
-    samples, eval_seconds, eval_compile = timed_eval(backend, prep, cfg["eval_batches"])
+    samples, eval_seconds, eval_compile, eval_warm_rate = timed_eval(backend, prep, cfg["eval_batches"])
     r, tok = prep.recipe, prep.tokenizer
     return {
         "data": data_settings(r),
@@ -142,6 +163,9 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
         # graph compilation inside the timed steps / eval batches (MindSpore's compiled graphs: each
         # new batch shape compiles once); 0 where the backend compiles nothing
         "compile_seconds": clock.compile_seconds[-1] - clock.compile_seconds[WARMUP_STEPS - 1],
+        # the timed steps that compiled nothing: how many, and their seconds
+        **warm_steps(clock),
+        "eval_samples_per_s_compiled": eval_warm_rate,
         "eval_compile_seconds": eval_compile,
         "compile_seconds_total": backend.compile_seconds() or 0.0,
         "first_loss": records[0]["loss"],
