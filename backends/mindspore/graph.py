@@ -35,16 +35,19 @@ FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
 def _lora_parts(module):
-    """(A, B, scaling, dropout p) of a peft LoRA linear with one plain adapter, else None."""
+    """(A, B, scaling, dropout module) of a peft LoRA linear with one plain adapter, else None."""
     adapters = getattr(module, "active_adapters", None)
     if not hasattr(module, "lora_A") or not adapters or len(adapters) != 1:
         return None
     name = adapters[0]
     if getattr(module, "use_dora", {}).get(name) or name not in module.lora_A:
         return None
-    dropout = module.lora_dropout[name]
-    p = float(getattr(dropout, "p", 0.0))
-    return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]), p
+    return (
+        module.lora_A[name].weight,
+        module.lora_B[name].weight,
+        float(module.scaling[name]),
+        module.lora_dropout[name],
+    )
 
 
 def why_not(model) -> str | None:
@@ -155,11 +158,11 @@ class Plan:
             add(name + ".bias", base.bias)
         if parts is None:
             return
-        a, b, scaling, _ = parts
+        a, b, scaling, dropout = parts
         add(name + ".lora_A", a)
         add(name + ".lora_B", b)
         self.lora[name] = scaling
-        self._site(name + ".lora", module.lora_dropout[module.active_adapters[0]])
+        self._site(name + ".lora", dropout)  # p read at each step (Identity when 0: no p)
 
     def _site(self, name, module, attr="p"):
         self.dropout_refs[name] = (module, attr)
