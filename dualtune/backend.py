@@ -140,9 +140,9 @@ class Backend(FrameworkStep):
         framework reports none (CPU)."""
         return None
 
-    def compile_seconds(self) -> float | None:
-        """Seconds this process spent compiling graphs (each graph's first call per shape, its
-        run included), or None where the backend compiles none."""
+    def compile_seconds(self, model: Any) -> float | None:
+        """Seconds spent compiling ``model``'s graphs (each graph's first call per shape, its run
+        included), or None where the backend compiles none for it."""
         return None
 
     # -- tensors

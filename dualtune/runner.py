@@ -513,7 +513,7 @@ def _run_in(
             "total_parameters": prep.total_params,
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_memory_mb": backend.peak_device_memory_mb(),
-            "compile_seconds": backend.compile_seconds(),
+            "compile_seconds": backend.compile_seconds(prep.model),
             "precision": recipe.train.precision,
             "skipped_steps": state.skipped_steps,
             **metrics,

@@ -150,6 +150,18 @@ class Plan:
             self.prefix_rows = tuple((int(c[0]), int(c[1])) for c in chunks)
             self.prefix_layers = peft_config.num_layers
 
+    def signature(self) -> tuple:
+        """Everything a graph compiles in as a constant: models with equal signatures share graphs
+        (weights are inputs), so a sweep's trials or a second model in one process compile nothing
+        new. MindSpore's own compile cache across processes does not key on these constants (it
+        served a LoRA alpha of 16's gradients to a model with alpha 64), so it stays off."""
+        return (
+            tuple(sorted(self.index.items())),
+            tuple(sorted(self.lora.items())),
+            (self.layers, self.heads, self.d_kv, self.d_model, self.eps, self.tied),
+            (self.prefix_tokens, self.prefix_rows),
+        )
+
     def _linear(self, add, name, module):
         parts = _lora_parts(module) if hasattr(module, "lora_A") else None
         base = module if parts is None else module.base_layer
@@ -401,6 +413,12 @@ def row_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# (plan signature, jit level, graph kind, dropout sites) -> jitted graph, shared by every model in
+# the process with that signature; and the (graph key, input shapes) compiled so far
+_GRAPHS: dict = {}
+_COMPILED: set = set()
+
+
 class CompiledT5:
     """The compiled graphs of one peft T5 model and the host-side inputs they take."""
 
@@ -411,14 +429,13 @@ class CompiledT5:
         # graphs compiled and the seconds their first calls took (compile + one run), shared with
         # the backend so a run can report them
         self.stats = stats if stats is not None else {"compiles": 0, "compile_seconds": 0.0}
-        self._seen: set = set()
-        self._graphs: dict = {}
+        self._signature = (self.plan.signature(), jit_level)
         self._buckets: dict = {}
 
     def _graph(self, kind: str, sites: tuple[str, ...] = ()):
         """kind: "grad" (loss and gradients), "forward" (loss and logits), "encode", "next"."""
-        key = (kind, sites)
-        if key not in self._graphs:
+        key = (self._signature, kind, sites)
+        if key not in _GRAPHS:
             net = T5Graph(self.plan, sites)
             fn = {
                 "grad": lambda: mindspore.value_and_grad(LossOf(net), grad_position=0),
@@ -426,8 +443,8 @@ class CompiledT5:
                 "encode": lambda: Encoder(net),
                 "next": lambda: NextToken(net),
             }[kind]()
-            self._graphs[key] = mindspore.jit(fn, jit_level=self.jit_level)
-        return self._graphs[key]
+            _GRAPHS[key] = mindspore.jit(fn, jit_level=self.jit_level)
+        return _GRAPHS[key]
 
     def _weights(self):
         # mutable: a tuple given to a graph is otherwise a constant (compiled in, no gradient)
@@ -503,14 +520,18 @@ class CompiledT5:
         return self._call((kind, names), args)
 
     def _call(self, key, args):
-        shapes = tuple(tuple(a.shape) for a in args[2:] if hasattr(a, "shape"))
-        first = (key, shapes) not in self._seen
+        shapes = tuple(
+            tuple(tuple(t.shape) for t in a) if isinstance(a, tuple) else tuple(getattr(a, "shape", ()))
+            for a in args
+        )
+        compiled_key = (self._signature, key, shapes)
+        first = compiled_key not in _COMPILED
         fn = self._graph(*key)  # made outside no_grad: MindSpore refuses to make a gradient inside
         started = time.perf_counter()
         with _pynative_grad_off():  # the graph differentiates itself; PyNative must not record it
             out = fn(*args)
         if first:  # jit compiles on a new shape; count the call, its run included
-            self._seen.add((key, shapes))
+            _COMPILED.add(compiled_key)
             self.stats["compiles"] += 1
             self.stats["compile_seconds"] += time.perf_counter() - started
         return out

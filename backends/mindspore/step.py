@@ -153,10 +153,10 @@ class MindSporeBackend(HFBackend):
     def __init__(self, device: str):
         super().__init__(device)
         self._grad_fns: dict = {}
-        self.graph_stats = {"compiles": 0, "compile_seconds": 0.0}
 
-    def compile_seconds(self):
-        return self.graph_stats["compile_seconds"] if self.graph_stats["compiles"] else None
+    def compile_seconds(self, model):
+        stats = getattr(model, "_dualtune_compile_stats", None)
+        return stats["compile_seconds"] if stats and stats["compiles"] else None
 
     def compiled(self, model, params=None):
         """The model's compiled graphs (``graph.CompiledT5``), or None where they do not apply:
@@ -177,8 +177,14 @@ class MindSporeBackend(HFBackend):
         elif getattr(model, "is_gradient_checkpointing", False):
             reason = "gradient checkpointing runs op by op"
         if reason is None:
+            if getattr(model, "_dualtune_compile_stats", None) is None:
+                model._dualtune_compile_stats = {"compiles": 0, "compile_seconds": 0.0}
             compiled = graph.CompiledT5(
-                model, params, DROPOUT_RNG, jit_level=JIT_LEVELS[self.device], stats=self.graph_stats
+                model,
+                params,
+                DROPOUT_RNG,
+                jit_level=JIT_LEVELS[self.device],
+                stats=model._dualtune_compile_stats,
             )
             log.info("mindspore: T5 as compiled graphs (each new batch shape compiles once, 15-30 s on CPU)")
         else:

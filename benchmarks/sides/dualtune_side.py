@@ -24,7 +24,7 @@ from common import (
 from dualtune.rundir import peak_rss_mb
 
 
-def step_clock(n_train: int, step_rows: int, backend):
+def step_clock(n_train: int, step_rows: int, backend, model):
     """A loop callback that notes when each step ends (the loss has been read: the step is done),
     its tokens, its examples (``step_rows``, all processes' together; fewer in an epoch's last
     step) and the backend's compile seconds so far."""
@@ -39,7 +39,7 @@ def step_clock(n_train: int, step_rows: int, backend):
 
         def on_step_end(self, state, record):
             self.step_ends.append(time.perf_counter())
-            self.compile_seconds.append(backend.compile_seconds() or 0.0)
+            self.compile_seconds.append(backend.compile_seconds(model) or 0.0)
             self.step_tokens.append(record["tokens"])
             self.step_examples.append(min(step_rows, n_train - (state.position - 1) * step_rows))
 
@@ -63,7 +63,7 @@ def timed_train(backend, prep, recipe, total: int) -> tuple[list[dict], object]:
     step_rows = step_batch_size(recipe, backend.world()[1])
     per_epoch = datamap.num_batches(len(prep.train_set), step_rows)
     prep.recipe.train.epochs = max(recipe.train.epochs, math.ceil(total / per_epoch))
-    clock = step_clock(len(prep.train_set), step_rows, backend)
+    clock = step_clock(len(prep.train_set), step_rows, backend, prep.model)
     records, _ = train(backend, prep, [clock])
     if len(records) != total or len(clock.step_ends) != total:
         raise BenchError(
@@ -101,7 +101,7 @@ def timed_eval(backend, prep, n_batches: int) -> tuple[int, float, float, float]
     )
     batches = list(it)
     samples, seconds, compiled = _eval_pass(backend, prep, batches)
-    if backend.compile_seconds() is None:
+    if backend.compile_seconds(prep.model) is None:
         return samples, seconds, compiled, samples / seconds if seconds > 0 else float("nan")
     # graphs: the same batches once more, every shape compiled: the rate without compiles
     _, warm_seconds, _ = _eval_pass(backend, prep, batches)
@@ -113,7 +113,7 @@ def _eval_pass(backend, prep, batches) -> tuple[int, float, float]:
     samples, started, compiled = 0, None, 0.0
     for i, np_batch in enumerate(batches):
         if i == WARMUP_EVAL_BATCHES:
-            started, compiled = time.perf_counter(), backend.compile_seconds() or 0.0
+            started, compiled = time.perf_counter(), backend.compile_seconds(prep.model) or 0.0
         batch = backend.to_tensors(np_batch)
         if task == "seq2seq":
             ids = backend.generate(prep.model, batch, r.data.label_max_length)
@@ -125,7 +125,7 @@ def _eval_pass(backend, prep, batches) -> tuple[int, float, float]:
             samples += len(np_batch["input_ids"])
     if started is None:
         return samples, 0.0, 0.0
-    return samples, time.perf_counter() - started, (backend.compile_seconds() or 0.0) - compiled
+    return samples, time.perf_counter() - started, (backend.compile_seconds(prep.model) or 0.0) - compiled
 
 
 def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
@@ -167,7 +167,7 @@ def run_dualtune(cfg: dict, side: str = "dualtune") -> dict:
         **warm_steps(clock),
         "eval_samples_per_s_compiled": eval_warm_rate,
         "eval_compile_seconds": eval_compile,
-        "compile_seconds_total": backend.compile_seconds() or 0.0,
+        "compile_seconds_total": backend.compile_seconds(prep.model) or 0.0,
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
         "trainable_parameters": sum(prep.trainable.values()),

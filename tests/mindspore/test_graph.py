@@ -99,7 +99,16 @@ def test_graph_dropout_is_seeded_and_restorable(ms, tiny_t5, fin_data, monkeypat
     )
 
 
-def test_one_compile_per_bucketed_shape(ms, tiny_t5, fin_data, monkeypatch):
+@pytest.fixture
+def no_graphs_yet(monkeypatch):
+    """The process's shared graphs set aside: other tests may have compiled these shapes."""
+    from dualtune.backends.mindspore import graph
+
+    monkeypatch.setattr(graph, "_GRAPHS", {})
+    monkeypatch.setattr(graph, "_COMPILED", set())
+
+
+def test_one_compile_per_bucketed_shape(ms, tiny_t5, fin_data, monkeypatch, no_graphs_yet):
     prep = t5(ms, tiny_t5, fin_data, "peft.method=prefix")
     on_path(ms, prep.model, monkeypatch, graph=True)
     ms.set_training(prep.model, False)
@@ -113,12 +122,39 @@ def test_one_compile_per_bucketed_shape(ms, tiny_t5, fin_data, monkeypatch):
         }
         ms.value_and_grad(prep.model, prep.params, ms.to_tensors(batch))
 
-    before = dict(ms.graph_stats)
     for rows, length in [(8, 17), (8, 24), (7, 20), (5, 23), (8, 25)]:  # buckets: 8 x 24 four times, 8 x 32
         step(rows, length)
-    assert ms.graph_stats["compiles"] - before["compiles"] == 2
-    assert ms.graph_stats["compile_seconds"] > before["compile_seconds"]
-    assert ms.compile_seconds() == ms.graph_stats["compile_seconds"]
+    stats = prep.model._dualtune_compile_stats
+    assert stats["compiles"] == 2
+    assert ms.compile_seconds(prep.model) == stats["compile_seconds"] > 0
+
+
+def test_models_of_one_structure_share_graphs_and_no_others(
+    ms, tiny_t5, fin_data, monkeypatch, no_graphs_yet
+):
+    """A second LoRA model in the process compiles nothing; one whose alpha differs (a constant in
+    the graph, the case MindSpore's own compile cache gets wrong) compiles its own, and both give
+    the op-by-op gradients."""
+    lora = ("peft.method=lora", "train.batch_size=8")
+    first = t5(ms, tiny_t5, fin_data, *lora)
+    second = t5(ms, tiny_t5, fin_data, *lora, "train.seed=1")
+    other_alpha = t5(ms, tiny_t5, fin_data, *lora, "peft.lora.alpha=64")
+    for prep in (first, second, other_alpha):
+        batch = first_batch(ms, prep)
+        ms.set_training(prep.model, False)
+        on_path(ms, prep.model, monkeypatch, graph=False)
+        _, plain = ms.value_and_grad(prep.model, prep.params, batch)
+        plain = [ms.to_numpy(g).copy() for g in plain]
+        on_path(ms, prep.model, monkeypatch, graph=True)
+        _, grads = ms.value_and_grad(prep.model, prep.params, batch)
+        assert any(np.abs(p).max() > 0 for p in plain)
+        for name, g, p in zip(prep.trainable, grads, plain):
+            np.testing.assert_allclose(
+                ms.to_numpy(g), p, rtol=0, atol=GRAD_TOL * float(np.abs(p).max()), err_msg=name
+            )
+    assert ms.compile_seconds(first.model) > 0
+    assert ms.compile_seconds(second.model) is None
+    assert ms.compile_seconds(other_alpha.model) > 0
 
 
 def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, fin_data):
