@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything (ci/install.sh), then runs the test suites: the torch suite, then the
-# MindSpore suite in a process of its own (mindnlp takes over `import torch` process-wide).
+# Installs everything (ci/install.sh), then runs the test suites: the torch suite and the MindSpore
+# suite, side by side in processes of their own (mindnlp takes over `import torch` process-wide).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh || exit 1
@@ -10,8 +10,22 @@ echo "ci: ruff check, ruff format --check, mypy"
 .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy || exit 1
 reports=$(mktemp -d)
 status=0
-.venv/bin/python -m pytest tests --ignore=tests/mindspore -q -p no:cacheprovider --junitxml "$reports/torch.xml" "$@" || status=1
-.venv/bin/python -m pytest tests/mindspore -q -p no:cacheprovider --junitxml "$reports/mindspore.xml" "$@" || status=1
+# The two suites side by side, each in its own process (mindnlp takes over `import torch`) and
+# its own temporary folder: most of a test's time is one thread launching small ops, so on the
+# 2-core CI machine two suites take little longer than the longer one. Each line is prefixed with
+# its suite as it comes.
+suite() {
+    local name=$1; shift
+    .venv/bin/python -m pytest "$@" -q -p no:cacheprovider --basetemp "$reports/$name-tmp" \
+        --junitxml "$reports/$name.xml" 2>&1 | sed -u "s/^/[$name] /"
+    return "${PIPESTATUS[0]}"
+}
+suite torch tests --ignore=tests/mindspore "$@" &
+torch_suite=$!
+suite mindspore tests/mindspore "$@" &
+mindspore_suite=$!
+wait "$torch_suite" || status=1
+wait "$mindspore_suite" || status=1
 .venv/bin/python - "$reports" <<'PY'
 import sys, pathlib, xml.etree.ElementTree as ET
 total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
