@@ -152,9 +152,10 @@ class Plan:
 
     def signature(self) -> tuple:
         """Everything a graph compiles in as a constant: models with equal signatures share graphs
-        (weights are inputs), so a sweep's trials or a second model in one process compile nothing
-        new. MindSpore's own compile cache across processes does not key on these constants (it
-        served a LoRA alpha of 16's gradients to a model with alpha 64), so it stays off."""
+        (weights are inputs), so a second model of one structure in a process (a notebook's second
+        run, the test suite) compiles nothing new. (Sweep trials are processes of their own.)
+        MindSpore's compile cache across processes does not key on these constants (it served a
+        LoRA alpha of 16's gradients to a model with alpha 64), so it stays off."""
         return (
             tuple(sorted(self.index.items())),
             tuple(sorted(self.lora.items())),
