@@ -11,12 +11,14 @@ echo "ci: ruff check, ruff format --check, mypy"
 reports=$(mktemp -d)
 status=0
 # The two suites side by side, each in its own process (mindnlp takes over `import torch`) and
-# its own temporary folder: most of a test's time is one thread launching small ops, so on the
-# 2-core CI machine two suites take little longer than the longer one. Each line is prefixed with
-# its suite as it comes.
+# its own temporary folder: much of a test's time is one thread launching small ops (measured on
+# 2 cores: 42 minutes side by side against about 49 one after the other). One compute thread per
+# suite (OMP_NUM_THREADS, which both backends read) unless set: with two each, half the CPU time
+# went to the kernel (top: 50 % sy). A line per test (-v: dots would wait for a full line),
+# prefixed with its suite.
 suite() {
     local name=$1; shift
-    .venv/bin/python -m pytest "$@" -q -p no:cacheprovider --basetemp "$reports/$name-tmp" \
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest "$@" -v -p no:cacheprovider --basetemp "$reports/$name-tmp" \
         --junitxml "$reports/$name.xml" 2>&1 | sed -u "s/^/[$name] /"
     return "${PIPESTATUS[0]}"
 }
