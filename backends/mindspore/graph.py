@@ -427,8 +427,8 @@ class CompiledT5:
         self.plan = Plan(model, trainable)
         self.rng = dropout_rng
         self.jit_level = jit_level
-        # graphs compiled and the seconds their first calls took (compile + one run), shared with
-        # the backend so a run can report them
+        # graphs this model compiled and the seconds their first calls took (compile + one run),
+        # kept on the model (the backend's compile_seconds) so a run reports its own
         self.stats = stats if stats is not None else {"compiles": 0, "compile_seconds": 0.0}
         self._signature = (self.plan.signature(), jit_level)
         self._buckets: dict = {}
