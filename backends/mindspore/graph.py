@@ -430,7 +430,11 @@ class CompiledT5:
         # graphs this model compiled and the seconds their first calls took (compile + one run),
         # kept on the model (the backend's compile_seconds) so a run reports its own
         self.stats = stats if stats is not None else {"compiles": 0, "compile_seconds": 0.0}
-        self._signature = (self.plan.signature(), jit_level)
+        # the weights' shapes are fixed for a model: read once here, not at every graph call
+        weight_shapes = tuple(
+            tuple(tuple(w.shape) for w in ws) for ws in (self.plan.trainable, self.plan.frozen)
+        )
+        self._signature = (self.plan.signature(), jit_level, weight_shapes)
         self._buckets: dict = {}
 
     def _graph(self, kind: str, sites: tuple[str, ...] = ()):
@@ -521,10 +525,8 @@ class CompiledT5:
         return self._call((kind, names), args)
 
     def _call(self, key, args):
-        shapes = tuple(
-            tuple(tuple(t.shape) for t in a) if isinstance(a, tuple) else tuple(getattr(a, "shape", ()))
-            for a in args
-        )
+        # args[:2] are the weight tuples, whose shapes the signature holds
+        shapes = tuple(tuple(a.shape) for a in args[2:] if hasattr(a, "shape"))
         compiled_key = (self._signature, key, shapes)
         first = compiled_key not in _COMPILED
         fn = self._graph(*key)  # made outside no_grad: MindSpore refuses to make a gradient inside
