@@ -20,7 +20,7 @@ from mindspore import communication
 from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
-from dualtune.backends.mindspore import DEVICES, compat, graph
+from dualtune.backends.mindspore import DEVICES, bert_graph, compat, t5_graph
 
 log = logging.getLogger("dualtune")
 
@@ -147,6 +147,21 @@ def set_python_state(words) -> None:
     random.setstate((3, (*(int(k) for k in keys), pos), gauss if has_gauss else None))
 
 
+GRAPH_ARCHITECTURES = (t5_graph, bert_graph)
+
+
+def graph_architecture(model):
+    """(the module that writes ``model`` as compiled graphs, None), or (None, why none does)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    for architecture in GRAPH_ARCHITECTURES:
+        if architecture.MODEL_CLASS == name:
+            reason = architecture.why_not(model)
+            return (architecture, None) if reason is None else (None, reason)
+    written = ", ".join(a.MODEL_CLASS for a in GRAPH_ARCHITECTURES)
+    return None, f"{name} is not written as a graph ({written} are)"
+
+
 class MindSporeBackend(HFBackend):
     name = "mindspore"
 
@@ -159,17 +174,17 @@ class MindSporeBackend(HFBackend):
         return stats["compile_seconds"] if stats and stats["compiles"] else None
 
     def compiled(self, model, params=None):
-        """The model's compiled graphs (``graph.CompiledT5``), or None where they do not apply:
-        switched off (``DUALTUNE_MINDSPORE_GRAPH=0``), a model or adapter not written as a graph,
-        gradient checkpointing (the graphs keep their own activations). Built once per model and
-        trainable set; the reason for None is logged once."""
+        """The model's compiled graphs (``t5_graph.CompiledT5``, ``bert_graph.CompiledBert``), or
+        None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``), a model or
+        adapter not written as a graph, gradient checkpointing (the graphs keep their own
+        activations). Built once per model and trainable set; the reason for None is logged once."""
         if params is None:
             params = [p for _, p in self.trainable_parameters(model)]
         key = tuple(id(p) for p in params)
         cached = getattr(model, "_dualtune_graph", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        reason = graph.why_not(model)
+        architecture, reason = graph_architecture(model)
         if os.environ.get("DUALTUNE_MINDSPORE_GRAPH", "1") == "0":
             reason = "off (DUALTUNE_MINDSPORE_GRAPH=0)"
         elif os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") == "0":
@@ -179,14 +194,17 @@ class MindSporeBackend(HFBackend):
         if reason is None:
             if getattr(model, "_dualtune_compile_stats", None) is None:
                 model._dualtune_compile_stats = {"compiles": 0, "compile_seconds": 0.0}
-            compiled = graph.CompiledT5(
+            compiled = architecture.COMPILED(
                 model,
                 params,
                 DROPOUT_RNG,
                 jit_level=JIT_LEVELS[self.device],
                 stats=model._dualtune_compile_stats,
             )
-            log.info("mindspore: T5 as compiled graphs (each new batch shape compiles once, 15-30 s on CPU)")
+            log.info(
+                "mindspore: %s as compiled graphs (each new batch shape compiles once, 5-30 s on CPU)",
+                architecture.MODEL_CLASS,
+            )
         else:
             compiled = None
             if cached is None:
@@ -261,11 +279,11 @@ class MindSporeBackend(HFBackend):
         return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
 
     def eval_batch(self, model, batch):
-        compiled = self.compiled(model) if "labels" in batch else None
-        if compiled is None:
+        compiled = self.compiled(model)
+        if compiled is None or ("labels" not in batch and compiled.needs_labels):
             return super().eval_batch(model, batch)
         return compiled.loss_and_logits(
-            *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels"))
+            *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels") if k in batch)
         )
 
     def generate(self, model, batch, max_new_tokens):

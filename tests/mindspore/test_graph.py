@@ -1,6 +1,7 @@
-"""T5 as compiled MindSpore graphs (backends/mindspore/graph.py) against the op-by-op path it replaces:
-the same loss, gradients, teacher-forced logits and greedy generations; dropout seeded and resumable;
-padded shapes exact; one compile per bucketed shape; models it does not cover run op by op."""
+"""T5 and BERT as compiled MindSpore graphs (backends/mindspore/{graph,t5_graph,bert_graph}.py)
+against the op-by-op path they replace: the same loss, gradients, teacher-forced logits, greedy
+generations and classification logits; dropout seeded and resumable; padded shapes exact; one compile
+per bucketed shape; models they do not cover run op by op."""
 
 from __future__ import annotations
 
@@ -72,6 +73,59 @@ def test_graph_gives_what_op_by_op_gives(ms, tiny_t5, fin_data, monkeypatch, met
     assert graph[4].shape == plain[4].shape and graph[4].dtype.kind == "i"
     np.testing.assert_array_equal(graph[4], plain[4])
     assert len(set(plain[4][:, 1:].ravel().tolist())) > 1, "decoding wrote one token everywhere"
+
+
+BERT_METHODS = {
+    "lora": [],  # the demo's: every query, key, value and dense layer, the pooler's among them
+    "bitfit": ["peft.method=bitfit"],
+    "full": ["peft.method=none"],
+}
+
+
+def bert(ms, tiny_bert, fin_data, *overrides):
+    return prepared(
+        ms,
+        "minilm_demo.yaml",
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={fin_data}",
+        "data.max_rows=null",
+        "schedule.warmup_ratio=null",
+        "optim.weight_decay=0",
+        *overrides,
+    )
+
+
+def classifier_outputs(ms, prep, batch):
+    """Loss and gradients (dropout off), evaluation loss and logits, logits without labels."""
+    ms.set_training(prep.model, False)
+    loss, grads = ms.value_and_grad(prep.model, prep.params, batch)
+    eval_loss, logits = ms.eval_batch(prep.model, batch)
+    no_labels = ms.eval_batch(prep.model, {k: v for k, v in batch.items() if k != "labels"})
+    return ms.to_float(loss), [ms.to_numpy(g).copy() for g in grads], eval_loss, logits, no_labels
+
+
+@pytest.mark.parametrize("method", list(BERT_METHODS) + ["class_weights"])
+def test_bert_graph_gives_what_op_by_op_gives(ms, tiny_bert, fin_data, monkeypatch, method):
+    overrides = ["loss.class_weights=balanced"] if method == "class_weights" else BERT_METHODS[method]
+    prep = bert(ms, tiny_bert, fin_data, *overrides, "train.batch_size=5")
+    on_path(ms, prep.model, monkeypatch, graph=False)
+    steps_on_one_batch(ms, prep, steps=5, lr=1e-2)  # away from the initial head
+    batch = first_batch(ms, prep)  # 5 rows: padded to 8 rows and a bucketed length in the graph
+    assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] not in (8, 16, 24, 32)
+    plain = classifier_outputs(ms, prep, batch)
+    on_path(ms, prep.model, monkeypatch, graph=True)
+    graph = classifier_outputs(ms, prep, batch)
+    np.testing.assert_allclose(graph[0], plain[0], rtol=1e-6)
+    assert len(graph[1]) == len(plain[1]) == len(prep.params)
+    for name, g, p in zip(prep.trainable, graph[1], plain[1]):
+        assert g.shape == p.shape
+        if not is_key_bias(name):
+            np.testing.assert_allclose(g, p, rtol=0, atol=GRAD_TOL * float(np.abs(p).max()), err_msg=name)
+    np.testing.assert_allclose(graph[2], plain[2], rtol=1e-6)
+    assert graph[3].shape == plain[3].shape == (5, 3)
+    np.testing.assert_allclose(graph[3], plain[3], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
+    assert graph[4][0] is None and plain[4][0] is None
+    np.testing.assert_allclose(graph[4][1], plain[4][1], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
 
 
 def test_graph_dropout_is_seeded_and_restorable(ms, tiny_t5, fin_data, monkeypatch):
@@ -157,17 +211,19 @@ def test_models_of_one_structure_share_graphs_and_no_others(
     assert ms.compile_seconds(other_alpha.model) > 0
 
 
-def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, fin_data):
+def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, tiny_llama, fin_data):
     ia3 = t5(ms, tiny_t5, fin_data, "peft.method=ia3")
     assert ms.compiled(ia3.model) is None
-    bert = prepared(
+    assert ms.compiled(bert(ms, tiny_bert, fin_data, "peft.method=prefix").model) is None
+    llama = prepared(
         ms,
         "minilm_demo.yaml",
-        f"model.name_or_path={tiny_bert}",
+        f"model.name_or_path={tiny_llama}",
         f"data.source={fin_data}",
-        "data.max_rows=null",
-        "schedule.warmup_ratio=null",
+        "model.pad_token_as_eos=true",
+        "peft.lora.target_modules=[q_proj,v_proj]",
     )
-    assert ms.compiled(bert.model) is None
+    assert ms.compiled(llama.model) is None
     checkpointed = t5(ms, tiny_t5, fin_data, "peft.method=lora", "train.gradient_checkpointing=true")
     assert ms.compiled(checkpointed.model) is None
+    assert ms.compiled(bert(ms, tiny_bert, fin_data).model) is not None  # the demo's LoRA

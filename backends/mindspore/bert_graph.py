@@ -1,0 +1,196 @@
+"""BERT-style encoders for sequence classification (BertForSequenceClassification: BERT, MiniLM,
+with LoRA, BitFit or full fine-tuning) as compiled MindSpore graphs (see ``graph``): the loss with
+its gradient, and the forward (loss and logits) for evaluation and prediction."""
+
+from __future__ import annotations
+
+import mindspore
+import numpy as np
+from mindspore import ops
+
+from dualtune.backends.mindspore.graph import (
+    FLOAT32_MIN,
+    Compiled,
+    GraphNet,
+    Plan,
+    lora_why_not,
+    peft_type,
+    row_bucket,
+    source_bucket,
+)
+
+MODEL_CLASS = "BertForSequenceClassification"
+
+
+def why_not(model) -> str | None:
+    """None when ``model`` (a BertForSequenceClassification) runs as compiled graphs, else why not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.hidden_act != "gelu" or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return "only BERT with GELU and absolute position embeddings"
+    if base.bert.pooler is None or config.is_decoder:
+        return "only BERT with its pooler, as an encoder"
+    if base.num_labels < 2 or config.problem_type not in (None, "single_label_classification"):
+        return "only single-label classification"
+    method = peft_type(model)
+    if method == "LORA":
+        return lora_why_not(base)
+    if method != "NONE":
+        return f"{method.lower()} on BERT is not written as a graph"
+    return None
+
+
+class BertPlan(Plan):
+    def __init__(self, model, trainable):
+        super().__init__(trainable)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config
+        self.layers, self.heads, self.hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
+        self.inner, self.eps, self.pad = cfg.intermediate_size, float(cfg.layer_norm_eps), cfg.pad_token_id
+        bert = base.bert
+        emb = bert.embeddings
+        self.add("word", emb.word_embeddings.weight)
+        self.add("position", emb.position_embeddings.weight)
+        self.add("type", emb.token_type_embeddings.weight)
+        self.norm("embed.norm", emb.LayerNorm)
+        self.site("embed", emb.dropout)
+        for i, layer in enumerate(bert.encoder.layer):
+            attn = layer.attention.self
+            for proj, module in (("q", attn.query), ("k", attn.key), ("v", attn.value)):
+                self.linear(f"{i}.{proj}", module)
+            # eager attention: a Dropout module; sdpa: the float it hands to the kernel
+            if hasattr(attn, "dropout_prob"):
+                self.site(f"{i}.weights", attn, "dropout_prob")
+            else:
+                self.site(f"{i}.weights", attn.dropout)
+            out = layer.attention.output
+            self.linear(f"{i}.ao", out.dense)
+            self.site(f"{i}.ao.out", out.dropout)
+            self.norm(f"{i}.ao.norm", out.LayerNorm)
+            self.linear(f"{i}.wi", layer.intermediate.dense)
+            self.linear(f"{i}.wo", layer.output.dense)
+            self.site(f"{i}.out", layer.output.dropout)
+            self.norm(f"{i}.out.norm", layer.output.LayerNorm)
+        self.linear("pooler", bert.pooler.dense)
+        self.site("classifier.in", base.dropout)
+        self.linear("classifier", base.classifier)
+
+    def norm(self, name, module):
+        self.add(name, module.weight)
+        self.add(name + ".bias", module.bias)
+
+    def constants(self):
+        return (self.layers, self.heads, self.hidden, self.inner, self.eps)
+
+    def mask_shape(self, name, batch, length):
+        parts = name.split(".")
+        if parts[0] in ("pooler", "classifier"):
+            return (batch, self.hidden)
+        if parts[-1] == "weights":
+            return (batch, self.heads, length, length)
+        if parts[-1] == "lora" and parts[-2] == "wo":
+            return (batch * length, self.inner)
+        return (batch * length, self.hidden)
+
+
+class BertGraph(GraphNet):
+    def __init__(self, plan: BertPlan, sites: tuple[str, ...]):
+        super().__init__(plan, sites)
+        self.layers, self.heads, self.hidden = plan.layers, plan.heads, plan.hidden
+        self.head_dim = plan.hidden // plan.heads
+        self.scale = self.head_dim**-0.5
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=plan.eps)
+
+    def norm(self, t, f, x, name):
+        return self.layer_norm(x, self.w(t, f, name), self.w(t, f, name + ".bias"))[0]
+
+    def heads_of(self, x, batch):
+        return ops.transpose(ops.reshape(x, (batch, -1, self.heads, self.head_dim)), (0, 2, 1, 3))
+
+    def layer(self, t, f, masks, h, batch, mask, i):
+        q = self.heads_of(self.linear(t, f, masks, h, f"{i}.q"), batch)
+        k = self.heads_of(self.linear(t, f, masks, h, f"{i}.k"), batch)
+        v = self.heads_of(self.linear(t, f, masks, h, f"{i}.v"), batch)
+        weights = ops.softmax(self.bmm_t(q, k) * self.scale + mask, -1)
+        weights = self.drop(masks, weights, f"{i}.weights")
+        context = ops.reshape(ops.transpose(self.bmm(weights, v), (0, 2, 1, 3)), (-1, self.hidden))
+        attn = self.drop(masks, self.linear(t, f, masks, context, f"{i}.ao"), f"{i}.ao.out")
+        h = self.norm(t, f, attn + h, f"{i}.ao.norm")
+        inner = ops.gelu(self.linear(t, f, masks, h, f"{i}.wi"), approximate="none")
+        out = self.drop(masks, self.linear(t, f, masks, inner, f"{i}.wo"), f"{i}.out")
+        return self.norm(t, f, out + h, f"{i}.out.norm")
+
+    def construct(self, t, f, masks, input_ids, positions, ext_mask, labels, class_weights):
+        batch, length = input_ids.shape
+        flat = ops.reshape(input_ids, (-1,))
+        h = ops.gather(self.w(t, f, "word"), flat, 0) + ops.gather(self.w(t, f, "type"), flat * 0, 0)
+        h = h + ops.gather(self.w(t, f, "position"), positions, 0)
+        h = self.drop(masks, self.norm(t, f, h, "embed.norm"), "embed")
+        # the padding mask at the scores' own shape once: a broadcasting add is slow on CPU
+        mask = ops.broadcast_to(ext_mask, (batch, self.heads, length, length))
+        for i in range(self.layers):
+            h = self.layer(t, f, masks, h, batch, mask, i)
+        first = ops.reshape(h, (batch, length, self.hidden))[:, 0]
+        pooled = ops.tanh(self.linear(t, f, masks, first, "pooler"))
+        pooled = self.drop(masks, pooled, "classifier.in")
+        logits = self.linear(t, f, masks, pooled, "classifier")
+        # cross-entropy, torch's weighted mean (sum w[y] * nll / sum w[y]; all ones without class
+        # weights); padded rows (label -100) weigh nothing
+        valid = ops.cast(labels != -100, mindspore.float32)
+        target = ops.maximum(labels, 0)
+        weight = ops.gather(class_weights, target, 0) * valid
+        picked = ops.gather_d(ops.log_softmax(logits, -1), 1, ops.expand_dims(target, 1))
+        loss = -ops.sum(ops.reshape(picked, (-1,)) * weight) / ops.sum(weight)
+        return loss, logits
+
+
+class CompiledBert(Compiled):
+    """The compiled graphs of one (peft) BertForSequenceClassification and the host-side inputs."""
+
+    Net = BertGraph
+
+    def __init__(self, model, trainable, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
+        super().__init__(BertPlan(model, trainable), dropout_rng, jit_level, stats)
+        self.model = model  # its class weights (set_class_weights) are read at each call
+        self.num_labels = (model.get_base_model() if hasattr(model, "get_base_model") else model).num_labels
+
+    def host_inputs(self, input_ids, attention_mask, labels):
+        """numpy batch -> padded graph inputs: length and rows rounded up to their buckets. Exact:
+        padded tokens are masked out of attention, padded rows' labels are ignored (-100)."""
+        batch, length = input_ids.shape
+        rows, cols = row_bucket(batch), source_bucket(length)
+        ids = np.full((rows, cols), self.plan.pad or 0, np.int32)
+        ids[:batch, :length] = input_ids
+        mask = np.zeros((rows, cols), np.float32)
+        mask[:batch, :length] = attention_mask
+        mask[batch:, 0] = 1  # padded rows: one token, like any row
+        lab = np.full((rows,), -100, np.int32)
+        if labels is not None:
+            lab[:batch] = labels
+        positions = np.tile(np.arange(cols, dtype=np.int32), rows)
+        ext_mask = ((1.0 - mask) * FLOAT32_MIN)[:, None, None, :].astype(np.float32)
+        return ids, positions, ext_mask, lab
+
+    def _run(self, kind, input_ids, attention_mask, labels, training):
+        ids, positions, ext_mask, lab = self.host_inputs(input_ids, attention_mask, labels)
+        names, masks = self.masks(training, *ids.shape)
+        weights = getattr(self.model, "_dualtune_class_weights", None)
+        weights = np.ones(self.num_labels, np.float32) if weights is None else weights.asnumpy()
+        args = (
+            *self.weights(),
+            masks,
+            *(mindspore.Tensor(a) for a in (ids, positions, ext_mask, lab, weights)),
+        )
+        return self.call((kind, names), args)
+
+    def value_and_grad(self, input_ids, attention_mask, labels, training=True):
+        """The mean loss over the rows and its gradients, one per trainable tensor."""
+        return self._run("grad", input_ids, attention_mask, labels, training)
+
+    def loss_and_logits(self, input_ids, attention_mask, labels=None):
+        """Evaluation: the loss (None without labels) and the (batch, classes) logits, numpy."""
+        loss, logits = self._run("forward", input_ids, attention_mask, labels, False)
+        return (None if labels is None else float(loss.asnumpy())), logits.asnumpy()[: input_ids.shape[0]]
+
+
+COMPILED = CompiledBert
