@@ -20,6 +20,10 @@ from dualtune.backends.mindspore.graph import (
 )
 
 MODEL_CLASS = "BertForSequenceClassification"
+# Off unless DUALTUNE_MINDSPORE_GRAPH=1: a step takes 0.6x op by op's time, but compiling ate the
+# gain on the recipes (minilm_fpb's 3 epochs: 692 s against about 718 s; the 90-step demo: 188 s
+# against 163 s) and peak memory was 7.4 GB against 1.9 (BENCHMARKS.md)
+ON_BY_DEFAULT = False
 
 
 def why_not(model) -> str | None:

@@ -175,8 +175,8 @@ class MindSporeBackend(HFBackend):
 
     def compiled(self, model, params=None):
         """The model's compiled graphs (``t5_graph.CompiledT5``, ``bert_graph.CompiledBert``), or
-        None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``), a model or
-        adapter not written as a graph, gradient checkpointing (the graphs keep their own
+        None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``; unset, each
+        architecture's ``ON_BY_DEFAULT``; ``1`` turns on every one), a model or adapter not written as a graph, gradient checkpointing (the graphs keep their own
         activations). Built once per model and trainable set; the reason for None is logged once."""
         if params is None:
             params = [p for _, p in self.trainable_parameters(model)]
@@ -185,8 +185,13 @@ class MindSporeBackend(HFBackend):
         if cached is not None and cached[0] == key:
             return cached[1]
         architecture, reason = graph_architecture(model)
-        if os.environ.get("DUALTUNE_MINDSPORE_GRAPH", "1") == "0":
+        switch = os.environ.get("DUALTUNE_MINDSPORE_GRAPH")
+        if switch == "0":
             reason = "off (DUALTUNE_MINDSPORE_GRAPH=0)"
+        elif switch is None and architecture is not None and not architecture.ON_BY_DEFAULT:
+            reason = (
+                f"off by default for {architecture.MODEL_CLASS} (DUALTUNE_MINDSPORE_GRAPH=1 turns them on)"
+            )
         elif os.environ.get("DUALTUNE_MINDSPORE_COMPAT", "1") == "0":
             reason = "mindtorch corrections off (the graphs always compute T5's buckets in float64)"
         elif getattr(model, "is_gradient_checkpointing", False):
