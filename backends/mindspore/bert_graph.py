@@ -4,19 +4,16 @@ its gradient, and the forward (loss and logits) for evaluation and prediction.""
 
 from __future__ import annotations
 
-import mindspore
 import numpy as np
 from mindspore import ops
 
 from dualtune.backends.mindspore.graph import (
     FLOAT32_MIN,
-    Compiled,
+    CompiledClassifier,
     GraphNet,
     Plan,
-    lora_why_not,
-    peft_type,
-    row_bucket,
-    source_bucket,
+    classifier_why_not,
+    pad_batch,
 )
 
 MODEL_CLASS = "BertForSequenceClassification"
@@ -34,14 +31,7 @@ def why_not(model) -> str | None:
         return "only BERT with GELU and absolute position embeddings"
     if base.bert.pooler is None or config.is_decoder:
         return "only BERT with its pooler, as an encoder"
-    if base.num_labels < 2 or config.problem_type not in (None, "single_label_classification"):
-        return "only single-label classification"
-    method = peft_type(model)
-    if method == "LORA":
-        return lora_why_not(base)
-    if method != "NONE":
-        return f"{method.lower()} on BERT is not written as a graph"
-    return None
+    return classifier_why_not(model, base)
 
 
 class BertPlan(Plan):
@@ -138,63 +128,23 @@ class BertGraph(GraphNet):
         pooled = ops.tanh(self.linear(t, f, masks, first, "pooler"))
         pooled = self.drop(masks, pooled, "classifier.in")
         logits = self.linear(t, f, masks, pooled, "classifier")
-        # cross-entropy, torch's weighted mean (sum w[y] * nll / sum w[y]; all ones without class
-        # weights); padded rows (label -100) weigh nothing
-        valid = ops.cast(labels != -100, mindspore.float32)
-        target = ops.maximum(labels, 0)
-        weight = ops.gather(class_weights, target, 0) * valid
-        picked = ops.gather_d(ops.log_softmax(logits, -1), 1, ops.expand_dims(target, 1))
-        loss = -ops.sum(ops.reshape(picked, (-1,)) * weight) / ops.sum(weight)
-        return loss, logits
+        return self.classification_loss(logits, labels, class_weights), logits
 
 
-class CompiledBert(Compiled):
+class CompiledBert(CompiledClassifier):
     """The compiled graphs of one (peft) BertForSequenceClassification and the host-side inputs."""
 
     Net = BertGraph
 
     def __init__(self, model, trainable, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        super().__init__(BertPlan(model, trainable), dropout_rng, jit_level, stats)
-        self.model = model  # its class weights (set_class_weights) are read at each call
-        self.num_labels = (model.get_base_model() if hasattr(model, "get_base_model") else model).num_labels
+        super().__init__(BertPlan(model, trainable), model, dropout_rng, jit_level, stats)
 
-    def host_inputs(self, input_ids, attention_mask, labels):
-        """numpy batch -> padded graph inputs: length and rows rounded up to their buckets. Exact:
-        padded tokens are masked out of attention, padded rows' labels are ignored (-100)."""
-        batch, length = input_ids.shape
-        rows, cols = row_bucket(batch), source_bucket(length)
-        ids = np.full((rows, cols), self.plan.pad or 0, np.int32)
-        ids[:batch, :length] = input_ids
-        mask = np.zeros((rows, cols), np.float32)
-        mask[:batch, :length] = attention_mask
-        mask[batch:, 0] = 1  # padded rows: one token, like any row
-        lab = np.full((rows,), -100, np.int32)
-        if labels is not None:
-            lab[:batch] = labels
+    def inputs(self, input_ids, attention_mask):
+        """ids, position ids, the additive padding mask."""
+        ids, mask = pad_batch(input_ids, attention_mask, self.plan.pad or 0)
+        rows, cols = ids.shape
         positions = np.tile(np.arange(cols, dtype=np.int32), rows)
-        ext_mask = ((1.0 - mask) * FLOAT32_MIN)[:, None, None, :].astype(np.float32)
-        return ids, positions, ext_mask, lab
-
-    def _run(self, kind, input_ids, attention_mask, labels, training):
-        ids, positions, ext_mask, lab = self.host_inputs(input_ids, attention_mask, labels)
-        names, masks = self.masks(training, *ids.shape)
-        weights = getattr(self.model, "_dualtune_class_weights", None)
-        weights = np.ones(self.num_labels, np.float32) if weights is None else weights.asnumpy()
-        args = (
-            *self.weights(),
-            masks,
-            *(mindspore.Tensor(a) for a in (ids, positions, ext_mask, lab, weights)),
-        )
-        return self.call((kind, names), args)
-
-    def value_and_grad(self, input_ids, attention_mask, labels, training=True):
-        """The mean loss over the rows and its gradients, one per trainable tensor."""
-        return self._run("grad", input_ids, attention_mask, labels, training)
-
-    def loss_and_logits(self, input_ids, attention_mask, labels=None):
-        """Evaluation: the loss (None without labels) and the (batch, classes) logits, numpy."""
-        loss, logits = self._run("forward", input_ids, attention_mask, labels, False)
-        return (None if labels is None else float(loss.asnumpy())), logits.asnumpy()[: input_ids.shape[0]]
+        return ids, positions, ((1.0 - mask) * FLOAT32_MIN)[:, None, None, :].astype(np.float32)
 
 
 COMPILED = CompiledBert

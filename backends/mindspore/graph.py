@@ -76,6 +76,23 @@ def lora_why_not(base) -> str | None:
     return None
 
 
+def adapter_why_not(model, base) -> str | None:
+    """None for no peft adapter (full fine-tuning, BitFit) and plain LoRA, else why not."""
+    method = peft_type(model)
+    if method == "LORA":
+        return lora_why_not(base)
+    if method != "NONE":
+        return f"{method.lower()} on {type(base).__name__} is not written as a graph"
+    return None
+
+
+def classifier_why_not(model, base) -> str | None:
+    """None for a single-label classifier with no adapter or plain LoRA, else why not."""
+    if base.num_labels < 2 or base.config.problem_type not in (None, "single_label_classification"):
+        return "only single-label classification"
+    return adapter_why_not(model, base)
+
+
 class Plan:
     """Where each weight of a model lives (trainable or frozen, index), which LoRA adapters and
     dropout sites there are. Built in Python once per model; the graph reads it as constants.
@@ -184,6 +201,28 @@ class GraphNet(nn.Cell):
             y = y + lora * self.lora[name]
         return y
 
+    def classification_loss(self, logits, labels, class_weights):
+        """Cross-entropy as torch weighs it (sum w[y] * nll / sum w[y]; all ones without class
+        weights); padded rows (label -100) weigh nothing."""
+        valid = ops.cast(labels != -100, mindspore.float32)
+        target = ops.maximum(labels, 0)
+        weight = ops.gather(class_weights, target, 0) * valid
+        picked = ops.gather_d(ops.log_softmax(logits, -1), 1, ops.expand_dims(target, 1))
+        return -ops.sum(ops.reshape(picked, (-1,)) * weight) / ops.sum(weight)
+
+    def rms_norm(self, t, f, x, name, eps):
+        """T5's and Llama's RMS norm, every elementwise op on equal shapes: MindSpore's CPU kernels
+        take 25-30x as long when an operand broadcasts (cpu_speed.patch_rms_norms); the mean and
+        the broadcasts as matmuls (a 1/d column, outer products with ones: exact)."""
+        rows, width = x.shape
+        mean_column = ops.ones((width, 1), mindspore.float32) * (1.0 / width)
+        scale = ops.rsqrt(ops.matmul(x * x, mean_column) + eps)
+        scale = ops.matmul(scale, ops.ones((1, width), mindspore.float32))
+        weight = ops.matmul(
+            ops.ones((rows, 1), mindspore.float32), ops.reshape(self.w(t, f, name), (1, width))
+        )
+        return weight * (x * scale)
+
 
 class LossOf(nn.Cell):
     def __init__(self, net):
@@ -218,6 +257,19 @@ def source_bucket(n: int) -> int:
 
 def row_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def pad_batch(input_ids, attention_mask, pad: int):
+    """(ids, mask) with rows rounded up to a power of two and the length to its bucket: padded
+    tokens are pad tokens, masked out (0); padded rows have one token, like any row."""
+    batch, length = input_ids.shape
+    rows, cols = row_bucket(batch), source_bucket(length)
+    ids = np.full((rows, cols), pad, np.int32)
+    ids[:batch, :length] = input_ids
+    mask = np.zeros((rows, cols), np.float32)
+    mask[:batch, :length] = attention_mask
+    mask[batch:, 0] = 1
+    return ids, mask
 
 
 # (plan signature, jit level, graph kind, dropout sites) -> jitted graph, shared by every model in
@@ -295,3 +347,38 @@ class Compiled:
             self.stats["compiles"] += 1
             self.stats["compile_seconds"] += time.perf_counter() - started
         return out
+
+
+class CompiledClassifier(Compiled):
+    """Sequence classifiers: the net takes (weights, masks, *inputs, labels, class weights) and
+    returns (loss, logits of each row); an architecture says its ``inputs``."""
+
+    def __init__(self, plan: Plan, model, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
+        super().__init__(plan, dropout_rng, jit_level, stats)
+        self.model = model  # its class weights (set_class_weights) are read at each call
+        self.num_labels = (model.get_base_model() if hasattr(model, "get_base_model") else model).num_labels
+
+    def inputs(self, input_ids, attention_mask) -> tuple:
+        """numpy arrays the net takes before the labels, the padded ids first."""
+        raise NotImplementedError
+
+    def _run(self, kind, input_ids, attention_mask, labels, training):
+        inputs = self.inputs(input_ids, attention_mask)
+        rows = inputs[0].shape[0]
+        padded_labels = np.full((rows,), -100, np.int32)
+        if labels is not None:
+            padded_labels[: len(labels)] = labels
+        weights = getattr(self.model, "_dualtune_class_weights", None)
+        weights = np.ones(self.num_labels, np.float32) if weights is None else weights.asnumpy()
+        names, masks = self.masks(training, *inputs[0].shape)
+        tensors = (mindspore.Tensor(a) for a in (*inputs, padded_labels, weights))
+        return self.call((kind, names), (*self.weights(), masks, *tensors))
+
+    def value_and_grad(self, input_ids, attention_mask, labels, training=True):
+        """The mean loss over the rows and its gradients, one per trainable tensor."""
+        return self._run("grad", input_ids, attention_mask, labels, training)
+
+    def loss_and_logits(self, input_ids, attention_mask, labels=None):
+        """Evaluation: the loss (None without labels) and the (batch, classes) logits, numpy."""
+        loss, logits = self._run("forward", input_ids, attention_mask, labels, False)
+        return (None if labels is None else float(loss.asnumpy())), logits.asnumpy()[: input_ids.shape[0]]

@@ -20,7 +20,7 @@ from mindspore import communication
 from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
-from dualtune.backends.mindspore import DEVICES, bert_graph, compat, t5_graph
+from dualtune.backends.mindspore import DEVICES, bert_graph, compat, llama_graph, t5_graph
 
 log = logging.getLogger("dualtune")
 
@@ -147,7 +147,7 @@ def set_python_state(words) -> None:
     random.setstate((3, (*(int(k) for k in keys), pos), gauss if has_gauss else None))
 
 
-GRAPH_ARCHITECTURES = (t5_graph, bert_graph)
+GRAPH_ARCHITECTURES = (t5_graph, bert_graph, llama_graph)
 
 
 def graph_architecture(model):
@@ -174,7 +174,7 @@ class MindSporeBackend(HFBackend):
         return stats["compile_seconds"] if stats and stats["compiles"] else None
 
     def compiled(self, model, params=None):
-        """The model's compiled graphs (``t5_graph.CompiledT5``, ``bert_graph.CompiledBert``), or
+        """The model's compiled graphs (``CompiledT5``, ``CompiledBert``, ``CompiledLlama``), or
         None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``; unset, each
         architecture's ``ON_BY_DEFAULT``; ``1`` turns on every one), a model or adapter not written as a graph, gradient checkpointing (the graphs keep their own
         activations). Built once per model and trainable set; the reason for None is logged once."""

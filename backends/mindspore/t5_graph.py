@@ -14,11 +14,10 @@ from dualtune.backends.mindspore.graph import (
     Compiled,
     GraphNet,
     Plan,
-    lora_why_not,
+    adapter_why_not,
+    pad_batch,
     peft_type,
     pynative_grad_off,
-    row_bucket,
-    source_bucket,
 )
 
 MODEL_CLASS = "T5ForConditionalGeneration"
@@ -32,15 +31,9 @@ def why_not(model) -> str | None:
     config = base.config
     if config.feed_forward_proj != "relu" or config.num_layers != config.num_decoder_layers:
         return "only T5 with ReLU feed-forward and as many decoder as encoder layers"
-    method = peft_type(model)
-    if method == "PREFIX_TUNING":
-        if model.active_peft_config.prefix_projection:
-            return "prefix tuning with prefix_projection"
-    elif method == "LORA":
-        return lora_why_not(base)
-    elif method != "NONE":
-        return f"{method.lower()} is not written as a graph"
-    return None
+    if peft_type(model) == "PREFIX_TUNING":
+        return "prefix tuning with prefix_projection" if model.active_peft_config.prefix_projection else None
+    return adapter_why_not(model, base)
 
 
 class T5Plan(Plan):
@@ -145,17 +138,7 @@ class T5Graph(GraphNet):
         self.prefix_tokens, self.prefix_rows = plan.prefix_tokens, plan.prefix_rows
 
     def norm(self, t, f, x, name):
-        # T5's RMS norm with every elementwise op on equal shapes: MindSpore's CPU kernels take
-        # 25-30x as long when an operand broadcasts (cpu_speed.patch_rms_norms); the mean and the
-        # broadcasts as matmuls (a 1/d column, outer products with ones: exact).
-        rows, width = x.shape
-        mean_column = ops.ones((width, 1), mindspore.float32) * (1.0 / width)
-        scale = ops.rsqrt(ops.matmul(x * x, mean_column) + self.eps)
-        scale = ops.matmul(scale, ops.ones((1, width), mindspore.float32))
-        weight = ops.matmul(
-            ops.ones((rows, 1), mindspore.float32), ops.reshape(self.w(t, f, name), (1, width))
-        )
-        return weight * (x * scale)
+        return self.rms_norm(t, f, x, name, self.eps)
 
     def heads_of(self, x, batch):
         return ops.transpose(ops.reshape(x, (batch, -1, self.heads, self.d_kv)), (0, 2, 1, 3))
@@ -280,14 +263,9 @@ class CompiledT5(Compiled):
         Exact: padded tokens are masked out of attention, padded rows' labels are all ignored
         (-100), so they add nothing to the loss, the gradients or a real row's outputs."""
         plan = self.plan
-        batch, source = input_ids.shape
-        target = labels.shape[1]
-        rows, src = row_bucket(batch), source_bucket(source)
-        ids = np.full((rows, src), plan.pad, np.int32)
-        ids[:batch, :source] = input_ids
-        mask = np.zeros((rows, src), np.float32)
-        mask[:batch, :source] = attention_mask
-        mask[batch:, 0] = 1  # padded rows: one token, like any row
+        batch, target = labels.shape
+        ids, mask = pad_batch(input_ids, attention_mask, plan.pad)
+        rows = ids.shape[0]
         lab = np.full((rows, target), -100, np.int32)
         lab[:batch] = labels
         dec = np.full((rows, target), plan.pad, np.int32)  # transformers' _shift_right

@@ -50,6 +50,17 @@ def outputs(ms, prep, batch):
     return ms.to_float(loss), [ms.to_numpy(g).copy() for g in grads], eval_loss, logits, generated
 
 
+def assert_same_losses_and_gradients(prep, graph, plain):
+    """(loss, gradients, evaluation loss, ...) of the graph against op by op's."""
+    np.testing.assert_allclose(graph[0], plain[0], rtol=1e-6)
+    assert len(graph[1]) == len(plain[1]) == len(prep.params)
+    for name, g, p in zip(prep.trainable, graph[1], plain[1]):
+        assert g.shape == p.shape
+        if not is_key_bias(name):  # exactly zero but for round-off (helpers.is_key_bias)
+            np.testing.assert_allclose(g, p, rtol=0, atol=GRAD_TOL * float(np.abs(p).max()), err_msg=name)
+    np.testing.assert_allclose(graph[2], plain[2], rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", list(T5_METHODS))
 def test_graph_gives_what_op_by_op_gives(ms, tiny_t5, fin_data, monkeypatch, method):
     prep = t5(ms, tiny_t5, fin_data, *T5_METHODS[method], "train.batch_size=5")
@@ -61,13 +72,7 @@ def test_graph_gives_what_op_by_op_gives(ms, tiny_t5, fin_data, monkeypatch, met
     plain = outputs(ms, prep, batch)
     on_path(ms, prep.model, monkeypatch, graph=True)
     graph = outputs(ms, prep, batch)
-    np.testing.assert_allclose(graph[0], plain[0], rtol=1e-6)
-    assert len(graph[1]) == len(plain[1]) == len(prep.params)
-    for name, g, p in zip(prep.trainable, graph[1], plain[1]):
-        assert g.shape == p.shape
-        if not is_key_bias(name):  # exactly zero but for round-off (helpers.is_key_bias)
-            np.testing.assert_allclose(g, p, rtol=0, atol=GRAD_TOL * float(np.abs(p).max()), err_msg=name)
-    np.testing.assert_allclose(graph[2], plain[2], rtol=1e-6)
+    assert_same_losses_and_gradients(prep, graph, plain)
     assert graph[3].shape == plain[3].shape
     np.testing.assert_allclose(graph[3], plain[3], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
     assert graph[4].shape == plain[4].shape and graph[4].dtype.kind == "i"
@@ -75,24 +80,34 @@ def test_graph_gives_what_op_by_op_gives(ms, tiny_t5, fin_data, monkeypatch, met
     assert len(set(plain[4][:, 1:].ravel().tolist())) > 1, "decoding wrote one token everywhere"
 
 
-BERT_METHODS = {
-    "lora": [],  # the demo's: every query, key, value and dense layer, the pooler's among them
-    "bitfit": ["peft.method=bitfit"],
-    "full": ["peft.method=none"],
+CLASSIFIERS = {
+    "bert-lora": [],  # the demo's: every query, key, value and dense layer, the pooler's among them
+    "bert-bitfit": ["peft.method=bitfit"],
+    "bert-full": ["peft.method=none"],
+    "bert-class_weights": ["loss.class_weights=balanced"],
+    "llama-lora": ["peft.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    "llama-full": ["peft.method=none", "loss.class_weights=balanced"],
 }
 
 
-def bert(ms, tiny_bert, fin_data, *overrides):
+def classifier(ms, model_dir, fin_data, *overrides):
+    """The demo recipe on a tiny model (a decoder pads with its end token)."""
+    decoder = "llama" in model_dir
     return prepared(
         ms,
         "minilm_demo.yaml",
-        f"model.name_or_path={tiny_bert}",
+        f"model.name_or_path={model_dir}",
         f"data.source={fin_data}",
         "data.max_rows=null",
         "schedule.warmup_ratio=null",
         "optim.weight_decay=0",
+        *(["model.pad_token_as_eos=true"] if decoder else []),
         *overrides,
     )
+
+
+def bert(ms, tiny_bert, fin_data, *overrides):
+    return classifier(ms, tiny_bert, fin_data, *overrides)
 
 
 def classifier_outputs(ms, prep, batch):
@@ -104,10 +119,10 @@ def classifier_outputs(ms, prep, batch):
     return ms.to_float(loss), [ms.to_numpy(g).copy() for g in grads], eval_loss, logits, no_labels
 
 
-@pytest.mark.parametrize("method", list(BERT_METHODS) + ["class_weights"])
-def test_bert_graph_gives_what_op_by_op_gives(ms, tiny_bert, fin_data, monkeypatch, method):
-    overrides = ["loss.class_weights=balanced"] if method == "class_weights" else BERT_METHODS[method]
-    prep = bert(ms, tiny_bert, fin_data, *overrides, "train.batch_size=5")
+@pytest.mark.parametrize("case", list(CLASSIFIERS))
+def test_classifier_graph_gives_what_op_by_op_gives(ms, tiny_bert, tiny_llama, fin_data, monkeypatch, case):
+    model_dir = tiny_llama if case.startswith("llama") else tiny_bert
+    prep = classifier(ms, model_dir, fin_data, *CLASSIFIERS[case], "train.batch_size=5")
     on_path(ms, prep.model, monkeypatch, graph=False)
     steps_on_one_batch(ms, prep, steps=5, lr=1e-2)  # away from the initial head
     batch = first_batch(ms, prep)  # 5 rows: padded to 8 rows and a bucketed length in the graph
@@ -115,13 +130,7 @@ def test_bert_graph_gives_what_op_by_op_gives(ms, tiny_bert, fin_data, monkeypat
     plain = classifier_outputs(ms, prep, batch)
     on_path(ms, prep.model, monkeypatch, graph=True)
     graph = classifier_outputs(ms, prep, batch)
-    np.testing.assert_allclose(graph[0], plain[0], rtol=1e-6)
-    assert len(graph[1]) == len(plain[1]) == len(prep.params)
-    for name, g, p in zip(prep.trainable, graph[1], plain[1]):
-        assert g.shape == p.shape
-        if not is_key_bias(name):
-            np.testing.assert_allclose(g, p, rtol=0, atol=GRAD_TOL * float(np.abs(p).max()), err_msg=name)
-    np.testing.assert_allclose(graph[2], plain[2], rtol=1e-6)
+    assert_same_losses_and_gradients(prep, graph, plain)
     assert graph[3].shape == plain[3].shape == (5, 3)
     np.testing.assert_allclose(graph[3], plain[3], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
     assert graph[4][0] is None and plain[4][0] is None
@@ -215,14 +224,7 @@ def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, tiny_
     ia3 = t5(ms, tiny_t5, fin_data, "peft.method=ia3")
     assert ms.compiled(ia3.model) is None
     assert ms.compiled(bert(ms, tiny_bert, fin_data, "peft.method=prefix").model) is None
-    llama = prepared(
-        ms,
-        "minilm_demo.yaml",
-        f"model.name_or_path={tiny_llama}",
-        f"data.source={fin_data}",
-        "model.pad_token_as_eos=true",
-        "peft.lora.target_modules=[q_proj,v_proj]",
-    )
+    llama = classifier(ms, tiny_llama, fin_data, "peft.method=prefix")
     assert ms.compiled(llama.model) is None
     checkpointed = t5(ms, tiny_t5, fin_data, "peft.method=lora", "train.gradient_checkpointing=true")
     assert ms.compiled(checkpointed.model) is None
