@@ -27,7 +27,7 @@ the child), and the ratios dualtune / reference. A table goes to stdout, everyth
 Models: ``--model t5-small-config`` (default for seq2seq recipes whose model is not on this disk)
 writes, once per run, a T5 built from t5-small's public config.json with random weights, paired
 with dualtune's word-level tokenizer over the synthetic data; ``minilm-config`` does the same with
-all-MiniLM-L6-v2's config; ``tiny`` uses dualtune's tiny config; ``recipe`` keeps the recipe's own
+all-MiniLM-L6-v2's config, ``smollm2-config`` with SmolLM2-135M's (Llama); ``tiny`` uses dualtune's tiny config; ``recipe`` keeps the recipe's own
 model; anything else is a model directory. The model is written by real torch in a child process,
 so both sides and both backends load identical weights. Data defaults to ``data.source=synthetic``
 and ``data.padding=max_length`` (every batch is batch_size x max_length); ``k=v`` overrides after
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="auto",
-        help="t5-small-config | minilm-config | tiny | recipe | PATH | auto (default: the "
+        help="t5-small-config | minilm-config | smollm2-config | tiny | recipe | PATH | auto (default: the "
         "recipe's model if it is on this disk, else t5-small-config / minilm-config)",
     )
     p.add_argument(

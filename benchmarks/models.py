@@ -50,7 +50,30 @@ MINILM_CONFIG = {
     "pad_token_id": 0,
     "position_embedding_type": "absolute",
 }
-GENERATED = ("t5-small-config", "minilm-config", "tiny")
+# HuggingFaceTB/SmolLM2-135M's config.json (Llama architecture); its special tokens are the word
+# tokenizer's here (pad 0, end 1), as with the other generated models.
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "num_hidden_layers": 30,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "initializer_range": 0.041666666666666664,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 1,
+}
+GENERATED = ("t5-small-config", "minilm-config", "smollm2-config", "tiny")
 
 
 def word_tokenizer(texts):
@@ -81,6 +104,8 @@ def make_model(kind: str, out_dir: str, seed: int = 0) -> None:
         model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_SMALL_CONFIG))
     elif kind == "minilm-config":
         model = transformers.BertModel(transformers.BertConfig(**MINILM_CONFIG))
+    elif kind == "smollm2-config":
+        model = transformers.LlamaModel(transformers.LlamaConfig(**SMOLLM2_CONFIG))
     elif kind in ("tiny-t5", "tiny-bert"):
         config = tiny_config(kind.split("-")[1], tok)
         cls = transformers.T5ForConditionalGeneration if kind == "tiny-t5" else transformers.BertModel
