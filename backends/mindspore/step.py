@@ -207,7 +207,7 @@ class MindSporeBackend(HFBackend):
                 stats=model._dualtune_compile_stats,
             )
             log.info(
-                "mindspore: %s as compiled graphs (each new batch shape compiles once, 5-30 s on CPU)",
+                "mindspore: %s as compiled graphs (each new batch shape compiles once: seconds to minutes)",
                 architecture.MODEL_CLASS,
             )
         else:
