@@ -176,8 +176,9 @@ class MindSporeBackend(HFBackend):
     def compiled(self, model, params=None):
         """The model's compiled graphs (``CompiledT5``, ``CompiledBert``, ``CompiledLlama``), or
         None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``; unset, each
-        architecture's ``ON_BY_DEFAULT``; ``1`` turns on every one), a model or adapter not written as a graph, gradient checkpointing (the graphs keep their own
-        activations). Built once per model and trainable set; the reason for None is logged once."""
+        architecture's ``ON_BY_DEFAULT``; ``1`` turns on every one), a model or adapter not
+        written as a graph, gradient checkpointing (the graphs keep their own activations). Built
+        once per model and trainable set; the reason for None is logged once."""
         if params is None:
             params = [p for _, p in self.trainable_parameters(model)]
         key = tuple(id(p) for p in params)
