@@ -95,6 +95,12 @@ def activate(device: str) -> None:
 
 
 def create(device: str = "cpu"):
+    graphs = os.environ.get("DUALTUNE_MINDSPORE_GRAPH")
+    if graphs not in (None, "0", "1"):  # "false" would otherwise turn every graph on
+        raise BackendError(
+            f"DUALTUNE_MINDSPORE_GRAPH={graphs}: expected 0 (op by op) or 1 (every model written as "
+            "graphs); unset, each model's default"
+        )
     activate(device)
     from dualtune.backends.mindspore import compat
 

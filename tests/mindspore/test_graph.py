@@ -236,3 +236,17 @@ def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, tiny_
     monkeypatch.setenv("DUALTUNE_MINDSPORE_GRAPH", "1")
     demo.model._dualtune_graph = None
     assert ms.compiled(demo.model) is not None
+
+
+def test_graph_switch_refuses_anything_but_0_or_1(ms, monkeypatch):
+    """Before anything loads: "false" would otherwise turn every architecture's graphs on."""
+    from dualtune.backends import mindspore as mindspore_backend
+    from dualtune.errors import BackendError
+
+    monkeypatch.setenv("DUALTUNE_MINDSPORE_GRAPH", "false")
+    with pytest.raises(BackendError) as refused:
+        mindspore_backend.create("cpu")
+    assert str(refused.value) == (
+        "DUALTUNE_MINDSPORE_GRAPH=false: expected 0 (op by op) or 1 (every model written as graphs); "
+        "unset, each model's default"
+    )
