@@ -12,6 +12,7 @@ from dualtune.backends.mindspore.graph import (
     CompiledClassifier,
     GraphNet,
     Plan,
+    base_model,
     classifier_why_not,
     pad_batch,
 )
@@ -25,7 +26,7 @@ ON_BY_DEFAULT = False
 
 def why_not(model) -> str | None:
     """None when ``model`` (a BertForSequenceClassification) runs as compiled graphs, else why not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     if config.hidden_act != "gelu" or getattr(config, "position_embedding_type", "absolute") != "absolute":
         return "only BERT with GELU and absolute position embeddings"
@@ -37,7 +38,7 @@ def why_not(model) -> str | None:
 class BertPlan(Plan):
     def __init__(self, model, trainable):
         super().__init__(trainable)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = base.config
         self.layers, self.heads, self.hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
         self.inner, self.eps, self.pad = cfg.intermediate_size, float(cfg.layer_norm_eps), cfg.pad_token_id

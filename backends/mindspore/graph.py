@@ -62,6 +62,11 @@ def active_module(module):
     return module.modules_to_save[adapters[0]]
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself: no peft)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def peft_type(model) -> str:
     """The active peft method: NONE (no peft: full fine-tuning, BitFit), LORA, PREFIX_TUNING, ..."""
     config = getattr(model, "active_peft_config", None)
@@ -358,7 +363,7 @@ class CompiledClassifier(Compiled):
     def __init__(self, plan: Plan, model, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
         super().__init__(plan, dropout_rng, jit_level, stats)
         self.model = model  # its class weights (set_class_weights) are read at each call
-        self.num_labels = (model.get_base_model() if hasattr(model, "get_base_model") else model).num_labels
+        self.num_labels = base_model(model).num_labels
 
     def inputs(self, input_ids, attention_mask) -> tuple:
         """numpy arrays the net takes before the labels, the padded ids first."""

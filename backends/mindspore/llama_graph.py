@@ -14,6 +14,7 @@ from dualtune.backends.mindspore.graph import (
     CompiledClassifier,
     GraphNet,
     Plan,
+    base_model,
     classifier_why_not,
     pad_batch,
 )
@@ -26,7 +27,7 @@ ON_BY_DEFAULT = False
 
 def why_not(model) -> str | None:
     """None when ``model`` (a LlamaForSequenceClassification) runs as compiled graphs, else why not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     if config.hidden_act != "silu" or config.rope_scaling is not None:
         return "only Llama with SiLU and plain rotary embeddings (no rope_scaling)"
@@ -38,7 +39,7 @@ def why_not(model) -> str | None:
 class LlamaPlan(Plan):
     def __init__(self, model, trainable):
         super().__init__(trainable)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = base.config
         decoder = base.model
         attn0 = decoder.layers[0].self_attn
@@ -51,6 +52,7 @@ class LlamaPlan(Plan):
         self.eps, self.pad = float(cfg.rms_norm_eps), cfg.pad_token_id
         self.inv_freq = decoder.rotary_emb.inv_freq.asnumpy().astype(np.float32)
         self.rope_scale = float(decoder.rotary_emb.attention_scaling)
+        self._rotary: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.add("embed", decoder.embed_tokens.weight)
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -78,12 +80,15 @@ class LlamaPlan(Plan):
         return (batch * length, width)
 
     def rotary(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """(cos, sin), each (1, 1, length, head_dim) float32, as LlamaRotaryEmbedding computes them."""
-        freqs = np.arange(length, dtype=np.float32)[:, None] * self.inv_freq[None, :]
-        emb = np.concatenate([freqs, freqs], -1)
-        cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)
-        sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)
-        return cos[None, None], sin[None, None]
+        """(cos, sin), each (1, 1, length, head_dim) float32, as LlamaRotaryEmbedding computes them;
+        made once per length (a bucket), not at every step."""
+        if length not in self._rotary:
+            freqs = np.arange(length, dtype=np.float32)[:, None] * self.inv_freq[None, :]
+            emb = np.concatenate([freqs, freqs], -1)
+            cos = (np.cos(emb) * np.float32(self.rope_scale)).astype(np.float32)
+            sin = (np.sin(emb) * np.float32(self.rope_scale)).astype(np.float32)
+            self._rotary[length] = (cos[None, None], sin[None, None])
+        return self._rotary[length]
 
 
 class LlamaGraph(GraphNet):

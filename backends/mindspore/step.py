@@ -21,6 +21,7 @@ from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
 from dualtune.backends.mindspore import DEVICES, bert_graph, compat, llama_graph, t5_graph
+from dualtune.backends.mindspore.graph import base_model
 
 log = logging.getLogger("dualtune")
 
@@ -152,7 +153,7 @@ GRAPH_ARCHITECTURES = (t5_graph, bert_graph, llama_graph)
 
 def graph_architecture(model):
     """(the module that writes ``model`` as compiled graphs, None), or (None, why none does)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     name = type(base).__name__
     for architecture in GRAPH_ARCHITECTURES:
         if architecture.MODEL_CLASS == name:

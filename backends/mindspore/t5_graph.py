@@ -15,6 +15,7 @@ from dualtune.backends.mindspore.graph import (
     GraphNet,
     Plan,
     adapter_why_not,
+    base_model,
     pad_batch,
     peft_type,
     pynative_grad_off,
@@ -27,7 +28,7 @@ ON_BY_DEFAULT = True
 
 def why_not(model) -> str | None:
     """None when ``model`` (a T5ForConditionalGeneration) runs as compiled graphs, else why not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     if config.feed_forward_proj != "relu" or config.num_layers != config.num_decoder_layers:
         return "only T5 with ReLU feed-forward and as many decoder as encoder layers"
@@ -39,7 +40,7 @@ def why_not(model) -> str | None:
 class T5Plan(Plan):
     def __init__(self, model, trainable):
         super().__init__(trainable)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = base.config
         self.layers, self.heads, self.d_kv = cfg.num_layers, cfg.num_heads, cfg.d_kv
         self.d_model, self.eps, self.tied = (
