@@ -50,6 +50,18 @@ def outputs(ms, prep, batch):
     return ms.to_float(loss), [ms.to_numpy(g).copy() for g in grads], eval_loss, logits, generated
 
 
+def on_both_paths(ms, prep, monkeypatch, outputs_of, steps: int, lr: float):
+    """``outputs_of(ms, prep, batch)`` op by op, then as graphs, on the first batch (5 rows: padded
+    to 8 rows and a bucketed length in the graph), after ``steps`` AdamW steps op by op."""
+    on_path(ms, prep.model, monkeypatch, graph=False)
+    steps_on_one_batch(ms, prep, steps=steps, lr=lr)
+    batch = first_batch(ms, prep)
+    assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] not in (8, 16, 24, 32)
+    plain = outputs_of(ms, prep, batch)
+    on_path(ms, prep.model, monkeypatch, graph=True)
+    return plain, outputs_of(ms, prep, batch)
+
+
 def assert_same_losses_and_gradients(prep, graph, plain):
     """(loss, gradients, evaluation loss, ...) of the graph against op by op's."""
     np.testing.assert_allclose(graph[0], plain[0], rtol=1e-6)
@@ -64,14 +76,8 @@ def assert_same_losses_and_gradients(prep, graph, plain):
 @pytest.mark.parametrize("method", list(T5_METHODS))
 def test_graph_gives_what_op_by_op_gives(ms, tiny_t5, fin_data, monkeypatch, method):
     prep = t5(ms, tiny_t5, fin_data, *T5_METHODS[method], "train.batch_size=5")
-    on_path(ms, prep.model, monkeypatch, graph=False)
     # trained a little first, so that greedy decoding writes words, not one token everywhere
-    steps_on_one_batch(ms, prep, steps=15, lr=3e-2)
-    batch = first_batch(ms, prep)  # 5 rows: padded to 8 rows and a bucketed length in the graph
-    assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] not in (8, 16, 24, 32)
-    plain = outputs(ms, prep, batch)
-    on_path(ms, prep.model, monkeypatch, graph=True)
-    graph = outputs(ms, prep, batch)
+    plain, graph = on_both_paths(ms, prep, monkeypatch, outputs, steps=15, lr=3e-2)
     assert_same_losses_and_gradients(prep, graph, plain)
     assert graph[3].shape == plain[3].shape
     np.testing.assert_allclose(graph[3], plain[3], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
@@ -106,10 +112,6 @@ def classifier(ms, model_dir, fin_data, *overrides):
     )
 
 
-def bert(ms, tiny_bert, fin_data, *overrides):
-    return classifier(ms, tiny_bert, fin_data, *overrides)
-
-
 def classifier_outputs(ms, prep, batch):
     """Loss and gradients (dropout off), evaluation loss and logits, logits without labels."""
     ms.set_training(prep.model, False)
@@ -123,13 +125,8 @@ def classifier_outputs(ms, prep, batch):
 def test_classifier_graph_gives_what_op_by_op_gives(ms, tiny_bert, tiny_llama, fin_data, monkeypatch, case):
     model_dir = tiny_llama if case.startswith("llama") else tiny_bert
     prep = classifier(ms, model_dir, fin_data, *CLASSIFIERS[case], "train.batch_size=5")
-    on_path(ms, prep.model, monkeypatch, graph=False)
-    steps_on_one_batch(ms, prep, steps=5, lr=1e-2)  # away from the initial head
-    batch = first_batch(ms, prep)  # 5 rows: padded to 8 rows and a bucketed length in the graph
-    assert batch["input_ids"].shape[0] == 5 and batch["input_ids"].shape[1] not in (8, 16, 24, 32)
-    plain = classifier_outputs(ms, prep, batch)
-    on_path(ms, prep.model, monkeypatch, graph=True)
-    graph = classifier_outputs(ms, prep, batch)
+    # trained a little first, away from the initial head
+    plain, graph = on_both_paths(ms, prep, monkeypatch, classifier_outputs, steps=5, lr=1e-2)
     assert_same_losses_and_gradients(prep, graph, plain)
     assert graph[3].shape == plain[3].shape == (5, 3)
     np.testing.assert_allclose(graph[3], plain[3], rtol=0, atol=1e-5 * float(np.abs(plain[3]).max()))
@@ -223,14 +220,14 @@ def test_models_of_one_structure_share_graphs_and_no_others(
 def test_models_not_written_as_graphs_run_op_by_op(ms, tiny_t5, tiny_bert, tiny_llama, fin_data, monkeypatch):
     ia3 = t5(ms, tiny_t5, fin_data, "peft.method=ia3")
     assert ms.compiled(ia3.model) is None
-    assert ms.compiled(bert(ms, tiny_bert, fin_data, "peft.method=prefix").model) is None
+    assert ms.compiled(classifier(ms, tiny_bert, fin_data, "peft.method=prefix").model) is None
     llama = classifier(ms, tiny_llama, fin_data, "peft.method=prefix")
     assert ms.compiled(llama.model) is None
     checkpointed = t5(ms, tiny_t5, fin_data, "peft.method=lora", "train.gradient_checkpointing=true")
     assert ms.compiled(checkpointed.model) is None
     # BERT's graphs are there (the demo's LoRA) but off unless asked for; T5's are on by default
     monkeypatch.delenv("DUALTUNE_MINDSPORE_GRAPH", raising=False)
-    demo = bert(ms, tiny_bert, fin_data)
+    demo = classifier(ms, tiny_bert, fin_data)
     assert ms.compiled(demo.model) is None
     assert ms.compiled(t5(ms, tiny_t5, fin_data, "peft.method=lora").model) is not None
     monkeypatch.setenv("DUALTUNE_MINDSPORE_GRAPH", "1")
