@@ -159,6 +159,26 @@ def test_graph_dropout_is_seeded_and_restorable(ms, tiny_t5, fin_data, monkeypat
     )
 
 
+def test_masks_drawn_on_threads_are_the_masks_drawn_one_by_one(ms):
+    """The graphs take a step's masks from ``keep_scales`` (threads), op by op from ``keep_scale``:
+    the same bytes in the same order, and the generator's state advanced alike."""
+    from dualtune.backends.mindspore.step import DropoutRNG
+
+    sites = [((8, 16), 0.1), ((3,), 0.5), ((2, 4, 5), 0.9), ((64, 64), 0.1), ((1,), 0.3)]
+    one_by_one, threaded = DropoutRNG(), DropoutRNG()
+    for rng in (one_by_one, threaded):
+        rng.manual_seed(3)
+        rng.keep_scale((2,), 0.5)  # a draw before: the masks start at call 1
+    want = [one_by_one.keep_scale(shape, p) for shape, p in sites]
+    got = threaded.keep_scales(sites)
+    assert len(got) == len(sites)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype == np.float32 and np.array_equal(w, g)
+    assert np.array_equal(threaded.get_state(), one_by_one.get_state())
+    assert np.array_equal(threaded.keep_scale((16,), 0.5), one_by_one.keep_scale((16,), 0.5))
+    assert threaded.keep_scales([]) == []
+
+
 @pytest.fixture
 def no_graphs_yet(monkeypatch):
     """The process's shared graphs set aside: other tests may have compiled these shapes."""

@@ -101,21 +101,48 @@ def test_classification_method_trains_exactly_its_parameters(ms, tiny_bert, fin_
 
 
 def test_adamw_update_matches_reference(ms):
+    """AdamW runs on one vector of every parameter (backends/mindspore/step.py): each parameter of
+    each shape still gets its own reference values, clipped steps and unclipped ones, and the
+    moments come back per parameter (the checkpoint's layout)."""
+    import mindspore
     import torch
 
     spec = OptimSpec(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
     rng = np.random.default_rng(0)
-    p0 = rng.normal(size=(3, 4)).astype(np.float32)
-    param = torch.nn.Parameter(torch.tensor(p0))
-    optimizer = ms.make_optimizer([param], spec)
-    ref_p, m, v = p0.astype(np.float64), np.zeros((3, 4)), np.zeros((3, 4))
-    for step, lr in enumerate([1e-2, 5e-3, 2e-3], 1):
-        g = rng.normal(size=(3, 4)).astype(np.float32)
-        grads, norm = ms.clip_grads([torch.tensor(g)], spec.grad_clip)
-        assert norm == pytest.approx(np.linalg.norm(g), rel=1e-6)
-        ms.apply_update(optimizer, grads, lr)
-        ref_p, m, v = adamw_reference(ref_p, g * clip_scale(norm, spec.grad_clip), m, v, step, lr, spec)
-        np.testing.assert_allclose(ms.to_numpy(param), ref_p, rtol=1e-5, atol=1e-7)
+    shapes = [(3, 4), (5,), (2, 1, 3)]
+    init = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    params = [torch.nn.Parameter(torch.tensor(x)) for x in init]
+    optimizer = ms.make_optimizer(params, spec)
+    ref = [x.astype(np.float64) for x in init]
+    m, v = [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes]
+    scales = []
+    for step, lr in enumerate([1e-2, 5e-3, 2e-3, 1e-3], 1):
+        size = 1.0 if step % 2 else 0.01  # alternately clipped and not
+        grads = [rng.normal(scale=size, size=s).astype(np.float32) for s in shapes]
+        clipped, norm = ms.clip_grads([torch.tensor(g) for g in grads], spec.grad_clip)
+        assert norm == pytest.approx(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads)), rel=1e-6)
+        scales.append(clip_scale(norm, spec.grad_clip))
+        ms.apply_update(optimizer, clipped, lr)
+        for i, g in enumerate(grads):
+            ref[i], m[i], v[i] = adamw_reference(ref[i], g * scales[-1], m[i], v[i], step, lr, spec)
+        for param, r in zip(params, ref):
+            np.testing.assert_allclose(ms.to_numpy(param), r, rtol=1e-5, atol=1e-7)
+    assert min(scales) < 0.5 and max(scales) == 1.0
+    state = ms.optimizer_state(optimizer)
+    assert state["step"] == 4
+    for got, want in zip(state["exp_avg"] + state["exp_avg_sq"], m + v):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    # loaded back into a fresh optimizer: the next update is the same bytes as the first's
+    again = ms.make_optimizer(params, spec)
+    ms.load_optimizer_state(again, state)
+    before = [ms.to_numpy(p).copy() for p in params]
+    g = [torch.tensor(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    ms.apply_update(optimizer, g, 1e-3)
+    first = [ms.to_numpy(p).copy() for p in params]
+    for p, b in zip(params, before):
+        mindspore.ops.assign(p, mindspore.Tensor(b))
+    ms.apply_update(again, g, 1e-3)
+    assert all(np.array_equal(ms.to_numpy(p), f) for p, f in zip(params, first))
 
 
 def test_t5_bucket_correction(ms):
