@@ -22,7 +22,7 @@ from dualtune.backends.mindspore.graph import (
 )
 
 MODEL_CLASS = "T5ForConditionalGeneration"
-# The recipe's 5 epochs on the real data: 930 s against about 1170 s op by op (BENCHMARKS.md)
+# The recipe's 5 epochs on the real data: 930 s against 1295 s op by op (BENCHMARKS.md)
 ON_BY_DEFAULT = True
 
 
