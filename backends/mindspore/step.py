@@ -42,6 +42,11 @@ def adamw_flat(p, g, m, v, decay, beta1, beta2, one_minus_beta1, one_minus_beta2
     return p - m / denom * step_size, m, v
 
 
+def sizes(tensors) -> list[int]:
+    """How many values each tensor holds."""
+    return [int(np.prod(tuple(t.shape))) for t in tensors]
+
+
 def flat(tensors):
     """Every value of ``tensors``, in order, as one vector (a copy)."""
     if not tensors:
@@ -350,13 +355,12 @@ class MindSporeBackend(HFBackend):
 
     def make_optimizer(self, params, optim_spec):
         # The moments as one vector each, in the parameters' order (optimizer_state splits them).
-        size = sum(int(np.prod(tuple(p.shape))) for p in params)
         return {
             "params": params,
             "spec": optim_spec,
             "step": 0,
-            "m": mindspore.Tensor(np.zeros(size, np.float32)),
-            "v": mindspore.Tensor(np.zeros(size, np.float32)),
+            "m": mindspore.Tensor(np.zeros(sum(sizes(params)), np.float32)),
+            "v": mindspore.Tensor(np.zeros(sum(sizes(params)), np.float32)),
         }
 
     def apply_update(self, optimizer, grads, lr):
@@ -380,7 +384,7 @@ class MindSporeBackend(HFBackend):
             optimizer["v"],
             *(mindspore.Tensor(x, mindspore.float32) for x in scalars),
         )
-        for p, part in zip(params, ops.split(values, [int(np.prod(tuple(p.shape))) for p in params])):
+        for p, part in zip(params, ops.split(values, sizes(params))):
             ops.assign(p, ops.reshape(part, tuple(p.shape)))
 
     def peak_device_memory_mb(self):
@@ -417,5 +421,5 @@ class MindSporeBackend(HFBackend):
 
 def per_parameter(values: np.ndarray, params) -> list[np.ndarray]:
     """One vector of every parameter's values (``flat``'s layout) as one array per parameter."""
-    ends = np.cumsum([int(np.prod(tuple(p.shape))) for p in params])
+    ends = np.cumsum(sizes(params))
     return [part.reshape(tuple(p.shape)).copy() for part, p in zip(np.split(values, ends[:-1]), params)]
