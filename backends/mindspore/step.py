@@ -366,7 +366,7 @@ class MindSporeBackend(HFBackend):
     def apply_update(self, optimizer, grads, lr):
         # AdamW on one vector of every trainable value in one compiled graph, then copied back into
         # the parameters. Op by op, each of its 14 ops was a launch per tensor (t5_lora's 72
-        # tensors: 190-260 ms a step); this way 36-41 ms, compiled in 0.1 s, and the same bytes
+        # tensors: 190-260 ms a step); this way 31-41 ms, compiled in 0.1 s, and the same bytes
         # (elementwise arithmetic does not depend on how the values are laid out; measured). The
         # copy is ops.assign: a parameter handed the graph's output memory (assign_value) read NaN
         # once another model had been freed.
