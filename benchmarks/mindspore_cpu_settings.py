@@ -1,4 +1,4 @@
-"""What each of dualtune's MindSpore CPU settings (backends/mindspore/cpu_speed.py) is worth.
+"""What each of dualtune's MindSpore CPU settings (dualtune/backends/mindspore/cpu_speed.py) is worth.
 
 Times one value-and-grad step of a t5-small-config T5 (random weights) with prefix tuning under
 mindtorch, in a fresh process per setting (MindSpore takes its runtime settings once per process):

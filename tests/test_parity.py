@@ -94,7 +94,7 @@ def test_compare_within_tolerances(compared, case):
 
 
 def test_t5_bucket_correction_is_what_makes_parity(tmp_path, tiny_t5, fin_data):
-    """Without backends/mindspore/compat.py the tiny T5 already disagrees at initialisation."""
+    """Without dualtune/backends/mindspore/compat.py the tiny T5 already disagrees at initialisation."""
     env = {**os.environ, "DUALTUNE_MINDSPORE_COMPAT": "0"}
     report = _compare(
         tmp_path / "nocompat",

@@ -1,4 +1,4 @@
-"""backends/mindspore/cpu_speed.py: the kernel swaps compute what the model's own code computes,
+"""dualtune/backends/mindspore/cpu_speed.py: the kernel swaps compute what the model's own code computes,
 values and gradients, and the switch turns them off."""
 
 from __future__ import annotations

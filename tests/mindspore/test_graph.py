@@ -1,4 +1,4 @@
-"""T5 and BERT as compiled MindSpore graphs (backends/mindspore/{graph,t5_graph,bert_graph}.py)
+"""T5 and BERT as compiled MindSpore graphs (dualtune/backends/mindspore/graphs/)
 against the op-by-op path they replace: the same loss, gradients, teacher-forced logits, greedy
 generations and classification logits; dropout seeded and resumable; padded shapes exact; one compile
 per bucketed shape; models they do not cover run op by op."""
@@ -182,7 +182,7 @@ def test_masks_drawn_on_threads_are_the_masks_drawn_one_by_one(ms):
 @pytest.fixture
 def no_graphs_yet(monkeypatch):
     """The process's shared graphs set aside: other tests may have compiled these shapes."""
-    from dualtune.backends.mindspore import graph
+    from dualtune.backends.mindspore.graphs import base as graph
 
     monkeypatch.setattr(graph, "_GRAPHS", {})
     monkeypatch.setattr(graph, "_COMPILED", set())

@@ -101,7 +101,7 @@ def test_classification_method_trains_exactly_its_parameters(ms, tiny_bert, fin_
 
 
 def test_adamw_update_matches_reference(ms):
-    """AdamW runs on one vector of every parameter (backends/mindspore/step.py): each parameter of
+    """AdamW runs on one vector of every parameter (dualtune/backends/mindspore/step.py): each parameter of
     each shape still gets its own reference values, clipped steps and unclipped ones, and the
     moments come back per parameter (the checkpoint's layout)."""
     import mindspore

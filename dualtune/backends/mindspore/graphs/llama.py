@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import ops
 
-from dualtune.backends.mindspore.graph import (
+from dualtune.backends.mindspore.graphs.base import (
     FLOAT32_MIN,
     CompiledClassifier,
     GraphNet,

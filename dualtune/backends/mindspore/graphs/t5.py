@@ -9,7 +9,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from dualtune.backends.mindspore.compat import relative_position_bucket_np
-from dualtune.backends.mindspore.graph import (
+from dualtune.backends.mindspore.graphs.base import (
     FLOAT32_MIN,
     Compiled,
     GraphNet,

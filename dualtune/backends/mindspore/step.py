@@ -22,8 +22,11 @@ from mindspore import communication, ops
 from mindtorch.autograd import value_and_grad
 
 from dualtune.backends.hf.backend import HFBackend
-from dualtune.backends.mindspore import DEVICES, bert_graph, compat, cpu_speed, llama_graph, t5_graph
-from dualtune.backends.mindspore.graph import base_model
+from dualtune.backends.mindspore import DEVICES, compat, cpu_speed
+from dualtune.backends.mindspore.graphs import bert as bert_graph
+from dualtune.backends.mindspore.graphs import llama as llama_graph
+from dualtune.backends.mindspore.graphs import t5 as t5_graph
+from dualtune.backends.mindspore.graphs.base import base_model
 
 log = logging.getLogger("dualtune")
 
