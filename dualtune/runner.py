@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from dualtune.rundir import (
     write_atomic,
     write_json,
 )
+from dualtune.signals import handling
 from dualtune.tracking import Tracking, check_trackers
 from dualtune.trainer import BestCheckpoint, KeepBest, Resume, total_steps, train
 
@@ -57,7 +57,6 @@ FIXED_KEYS = (
     "train.group_by_length",
     "train.dropout",
 )
-SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def output_dir(recipe: Recipe, backend_name: str, override: str | Path | None = None) -> Path:
@@ -166,20 +165,8 @@ class SignalStop(Callback):
     def __init__(self) -> None:
         self.received: int | None = None
         self.trained = False  # the loop is over: a signal now lets the run finish
-        self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int) -> None:
         if self.received is not None:
             raise KeyboardInterrupt  # asked twice: stop now
         self.received = signum
@@ -352,19 +339,16 @@ def run_recipe(
     if world > 1:
         backend.all_reduce_sum([], [0.0])  # wait until the others have read the checkpoint
     signals = SignalStop()
-    signals.install()
     run = RunDir(target, overwrite or recipe.train.overwrite, source)
     interrupted = None
     try:
-        with run:
+        with handling(signals.handle), run:
             _run_in(run, recipe, backend, progress, callbacks, signals, resumed=source is not None)
     except RunInterrupted as stop:
         failed = run.failed or target
         where = failed / stop.checkpoint.relative_to(run.path) if stop.checkpoint else None
         stop.checkpoint = where
         interrupted = stop
-    finally:
-        signals.restore()
     if world > 1:
         backend.all_reduce_sum([], [0.0])  # the others wait for the run directory: all end together
     if interrupted is not None:
@@ -396,11 +380,8 @@ def _train_replica(
         start = _resume_state(backend, prep, checkpoint, None, [])
     backend.all_reduce_sum([], [0.0])  # process 0 may now take the run directory over
     signals = SignalStop()
-    signals.install()
-    try:
+    with handling(signals.handle):
         train(backend, prep, [signals], resume=start)
-    finally:
-        signals.restore()
     # Until process 0 has finished the run directory (or its checkpoint): all processes end together.
     # (Under msrun, process 0 was once seen to die of SIGSEGV as it exited, seconds after this one.)
     backend.all_reduce_sum([], [0.0])

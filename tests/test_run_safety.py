@@ -560,10 +560,10 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_and_says_so(caplog):
     from dualtune.runner import SignalStop
 
     during, after = SignalStop(), SignalStop()
-    during._handle(signal.SIGINT, None)
+    during.handle(signal.SIGINT)
     after.on_train_end(LoopState(total_steps=1, steps_per_epoch=1), [])
     with caplog.at_level("WARNING", logger="dualtune"):
-        after._handle(signal.SIGTERM, None)
+        after.handle(signal.SIGTERM)
     assert caplog.messages[-1] == (
         "SIGTERM: training is done; finishing the final evaluation and the run directory "
         "(send it again to stop at once)"
