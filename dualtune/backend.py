@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,21 +32,18 @@ import numpy as np
 from dualtune.errors import BackendError
 
 __all__ = [
-    "BACKENDS",
-    "PRECISIONS",
     "Backend",
     "BackendError",
+    "Framework",
     "FrameworkStep",
+    "backend_names",
     "check_precision",
+    "default_backend",
+    "framework",
+    "frameworks",
     "get_backend",
-    "torch_flavour",
 ]
 
-BACKENDS = ("torch", "mindspore")
-# train.precision values each backend trains in. MindSpore: fp32 only. Measured on MindSpore 2.7.0:
-# its CPU MatMul has no bfloat16 or float16 kernel ("Select CPU operator[MatMul] fail"), also under
-# mindtorch's autocast; mixed precision on Ascend/GPU is not built (nothing here could test it).
-PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "mindspore": ("fp32",)}
 _active: Backend | None = None
 
 Tensor = Any  # a framework tensor; the core never looks inside one
@@ -230,44 +227,111 @@ class Backend(FrameworkStep):
         """A tiny random model of ``kind`` (``dualtune.tiny.TINY_KINDS``) and its tokenizer."""
 
 
-def torch_flavour() -> str | None:
-    """Which ``torch`` this process has imported: None, "torch" (PyTorch) or "mindtorch" (mindnlp's shim)."""
-    module = sys.modules.get("torch")
-    if module is None:
-        return "mindtorch" if "mindnlp" in sys.modules else None
-    return "mindtorch" if "mindtorch" in (getattr(module, "__file__", None) or "") else "torch"
+class Framework:
+    """What the core knows of a framework without loading it: each backend package's ``descriptor``
+    module holds one (``DESCRIPTOR``), importing nothing heavier than the standard library, so the
+    CLI, ``validate`` and the launchers can ask before any framework is in the process."""
+
+    name: str  # the --backend value
+    order: int = 100  # place in --backend's choices; the lowest is the default backend
+    device_help: str  # "cpu | cuda[:N]": the --device values, for --help
+    launcher: str  # how --nproc N starts N processes ("torchrun", "msrun"), for --help
+    packages: tuple[str, ...] = ()  # the distributions whose versions a run records
+    # why it cannot share a process with another framework (the end of that one-line refusal)
+    process_note: str = "one framework per process"
+
+    def check_device(self, device: str) -> None:
+        """Refuse, as one ``BackendError`` line, a --device this framework cannot use or that this
+        machine visibly lacks (a cheap probe: the framework's own check still runs when it loads)."""
+
+    def precisions(self, device: str) -> tuple[str, ...]:
+        """The ``train.precision`` values it trains in on ``device``."""
+        return ("fp32",)
+
+    def precision_refusal(self, device: str, precision: str) -> str:
+        """Why ``precision`` is refused on ``device``: the end of the one error line."""
+        return f"the {self.name} backend trains in {', '.join(self.precisions(device))}"
+
+    def launched_rank(self) -> int | None:
+        """This process's rank when this framework's launcher started it, else None."""
+        return None
+
+    def serve_launcher_process(self) -> bool:
+        """A process the launcher starts to serve the others (not a worker): serve, return True."""
+        return False
+
+    def launch(self, nproc: int, argv: list[str], output: Path) -> int:
+        """Run ``dualtune <argv>`` on ``nproc`` processes of this machine (data parallel), writing
+        the run directory ``output``; the job's exit status (128 + a signal passed on)."""
+        raise BackendError(f"--nproc {nproc}: the {self.name} backend runs in one process only")
+
+
+def frameworks() -> list[Framework]:
+    """Every framework package under ``dualtune/backends`` that describes itself, default first."""
+    if not _frameworks:
+        import dualtune.backends
+
+        for info in pkgutil.iter_modules(dualtune.backends.__path__):
+            try:
+                module = importlib.import_module(f"dualtune.backends.{info.name}.descriptor")
+            except ModuleNotFoundError as err:
+                if err.name != f"dualtune.backends.{info.name}.descriptor":
+                    raise
+                continue  # a shared package (hf), not a framework
+            _frameworks.append(module.DESCRIPTOR)
+        _frameworks.sort(key=lambda f: (f.order, f.name))
+    return list(_frameworks)
+
+
+_frameworks: list[Framework] = []
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(f.name for f in frameworks())
+
+
+def default_backend() -> str:
+    """``$DUALTUNE_BACKEND``, else the first framework."""
+    return os.environ.get("DUALTUNE_BACKEND") or frameworks()[0].name
+
+
+def framework(name: str) -> Framework:
+    for f in frameworks():
+        if f.name == name:
+            return f
+    raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(backend_names())}")
+
+
+def launched_rank() -> int | None:
+    """This process's rank when a framework's launcher started it (data parallel), else None."""
+    for f in frameworks():
+        rank = f.launched_rank()
+        if rank is not None:
+            return rank
+    return None
 
 
 def check_precision(backend: str, device: str, precision: str) -> None:
     """``train.precision`` must be one ``backend`` trains in: one line otherwise (before any model loads)."""
-    if precision in PRECISIONS.get(backend, (precision,)):
-        return
-    if backend == "mindspore":
-        why = (
-            "MindSpore's CPU MatMul has no bfloat16/float16 kernel"
-            if device == "cpu"
-            else f"mixed precision on {device} is not built yet"
-        )
-        raise BackendError(
-            f"train.precision {precision}: the mindspore backend trains in fp32 only ({why}); "
-            f"use train.precision=fp32 or --backend torch"
-        )
-    raise BackendError(
-        f"train.precision {precision}: the {backend} backend trains in {', '.join(PRECISIONS[backend])}"
-    )
+    fw = framework(backend)
+    if precision not in fw.precisions(device):
+        raise BackendError(f"train.precision {precision}: {fw.precision_refusal(device, precision)}")
 
 
 def get_backend(name: str | None = None, device: str = "cpu") -> Backend:
-    """Activate a backend for this process (``name``, else ``$DUALTUNE_BACKEND``, else torch)."""
+    """Activate a backend for this process (``name``, else ``$DUALTUNE_BACKEND``, else the default)."""
     global _active
-    name = name or os.environ.get("DUALTUNE_BACKEND") or "torch"
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    name = name or default_backend()
+    wanted = framework(name)  # an unknown name: one line
     if _active is not None:
         if _active.name != name:
+            active = framework(_active.name)
+            why = (
+                active.process_note if active.process_note != Framework.process_note else wanted.process_note
+            )
             raise BackendError(
                 f"the {_active.name} backend is already active in this process; {name} needs a "
-                f"process of its own (mindnlp takes over `import torch` for the whole process)"
+                f"process of its own ({why})"
             )
         return _active
     module = importlib.import_module(f"dualtune.backends.{name}")

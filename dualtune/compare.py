@@ -1,8 +1,7 @@
 """``dualtune compare``: run one recipe on both backends from the same start, and judge in numbers.
 
-Each backend runs in its own process (mindnlp takes over ``import torch`` process-wide). The torch
-run initialises the adapter and saves it (adapter_init/); the MindSpore run starts from those
-weights. Dropout is off on both (no two frameworks share dropout masks); batches are identical by
+Each backend runs in its own process (one framework per process). The first (reference) backend's
+run initialises the adapter and saves it (adapter_init/); the second's starts from those weights. Dropout is off on both (no two frameworks share dropout masks); batches are identical by
 construction (the core's dataset map).
 """
 
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dualtune.errors import CompareError
 from dualtune.rundir import write_atomic, write_json
 
 # fp32 on CPU; see README "Parity".
@@ -29,6 +29,7 @@ def rel_diff(a: float, b: float) -> float:
 
 @dataclass
 class Side:
+    name: str  # the backend
     steps: list[dict]
     final: dict
     activations: dict[str, np.ndarray]
@@ -55,7 +56,7 @@ def _run(backend: str, recipe: str, overrides: list[str], out: Path) -> None:
     write_atomic(out / f"{backend}.log", proc.stderr)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(
+        raise CompareError(
             f"the {backend} run failed (exit {proc.returncode}); see {out / backend}.log:\n{tail}"
         )
 
@@ -72,6 +73,7 @@ def _load(run_dir: Path) -> Side:
             order = json.loads((f.metadata() or {}).get("order", "[]")) or list(f.keys())
             acts = {k: f.get_tensor(k) for k in f.keys()}
     return Side(
+        run_dir.name,
         [item for item in lines if "loss" in item],
         json.loads((run_dir / "final_metrics.json").read_text()),
         acts,
@@ -91,13 +93,14 @@ def layer_table(a: Side, b: Side) -> list[dict]:
 
 
 def build_report(a: Side, b: Side, layers: bool) -> dict:
+    """Side ``a`` (the reference) against side ``b``: per-step losses, checks, final metrics."""
     steps = []
     for s, t in zip(a.steps, b.steps):
         steps.append(
             {
                 "step": s["step"],
-                "loss_torch": s["loss"],
-                "loss_mindspore": t["loss"],
+                f"loss_{a.name}": s["loss"],
+                f"loss_{b.name}": t["loss"],
                 "loss_rel": rel_diff(s["loss"], t["loss"]),
                 "grad_norm_rel": rel_diff(s["grad_norm"], t["grad_norm"]),
             }
@@ -114,13 +117,14 @@ def build_report(a: Side, b: Side, layers: bool) -> dict:
     }
     metrics = sorted(k for k, v in a.final.items() if isinstance(v, float) and k in b.final)
     report = {
+        "backends": [a.name, b.name],
         "steps": steps,
         "checks": verdict,
         "passed": bool(verdict) and len(a.steps) == len(b.steps) and all(v["pass"] for v in verdict.values()),
         "final": {
-            k: {"torch": a.final[k], "mindspore": b.final[k]} for k in metrics if k not in ("train_seconds",)
+            k: {a.name: a.final[k], b.name: b.final[k]} for k in metrics if k not in ("train_seconds",)
         },
-        "train_seconds": {"torch": a.final.get("train_seconds"), "mindspore": b.final.get("train_seconds")},
+        "train_seconds": {a.name: a.final.get("train_seconds"), b.name: b.final.get("train_seconds")},
     }
     if layers:
         table = layer_table(a, b)
@@ -132,16 +136,17 @@ def build_report(a: Side, b: Side, layers: bool) -> dict:
 
 
 def format_report(report: dict) -> str:
-    out = ["step  loss torch      loss mindspore  rel diff   grad-norm rel"]
+    a, b = report["backends"]
+    out = [f"step  {'loss ' + a:<14}  {'loss ' + b:<14}  rel diff   grad-norm rel"]
     for s in report["steps"]:
         out.append(
-            f"{s['step']:>4}  {s['loss_torch']:<14.8g}  {s['loss_mindspore']:<14.8g}  "
+            f"{s['step']:>4}  {s['loss_' + a]:<14.8g}  {s['loss_' + b]:<14.8g}  "
             f"{s['loss_rel']:.2e}   {s['grad_norm_rel']:.2e}"
         )
     out.append("")
-    out.append(f"{'final metric':<28}{'torch':>12}{'mindspore':>12}")
+    out.append(f"{'final metric':<28}{a:>12}{b:>12}")
     for k, v in report["final"].items():
-        out.append(f"{k:<28}{v['torch']:>12.6g}{v['mindspore']:>12.6g}")
+        out.append(f"{k:<28}{v[a]:>12.6g}{v[b]:>12.6g}")
     out.append("")
     if "layers" in report:
         worst = sorted(report["layers"], key=lambda r: -r["rel"])[:10]
@@ -165,8 +170,8 @@ def plot(report: dict, path: Path) -> None:
 
     steps = [s["step"] for s in report["steps"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [s["loss_torch"] for s in report["steps"]], label="torch", lw=2)
-    ax.plot(steps, [s["loss_mindspore"] for s in report["steps"]], "--", label="mindspore", lw=2)
+    for name, style in zip(report["backends"], ("-", "--")):
+        ax.plot(steps, [s["loss_" + name] for s in report["steps"]], style, label=name, lw=2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("dualtune compare: " + ("PASS" if report["passed"] else "FAIL"))
@@ -177,7 +182,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def compare(recipe: str, overrides: list[str], out: Path, steps: int = 20, layers: bool = False) -> dict:
-    """Run ``recipe`` on torch, then on MindSpore from torch's initial adapter; write the report."""
+    """Run ``recipe`` on the first two backends (the reference first), the second from the first's
+    initial adapter; write the report."""
+    from dualtune.backend import backend_names
     from dualtune.recipe import load_recipe
 
     load_recipe(recipe, overrides)  # a bad recipe fails here, before two processes start
@@ -185,9 +192,10 @@ def compare(recipe: str, overrides: list[str], out: Path, steps: int = 20, layer
     common = [*overrides, "train.dropout=false", "train.dump_activations=true"]
     if steps:
         common.append(f"train.max_steps={steps}")
-    _run("torch", recipe, [*common, "train.save_initial=true"], out)
-    _run("mindspore", recipe, [*common, f"peft.init_from={out / 'torch' / 'adapter_init'}"], out)
-    report = build_report(_load(out / "torch"), _load(out / "mindspore"), layers)
+    reference, other = backend_names()[:2]
+    _run(reference, recipe, [*common, "train.save_initial=true"], out)
+    _run(other, recipe, [*common, f"peft.init_from={out / reference / 'adapter_init'}"], out)
+    report = build_report(_load(out / reference), _load(out / other), layers)
     write_json(out / "report.json", report)
     write_atomic(out / "report.txt", format_report(report) + "\n")
     plot(report, out / "loss_curves.png")

@@ -25,3 +25,7 @@ class BackendError(UserError, RuntimeError):
 
 class RunDirError(UserError):
     """A run directory that is not what the command needs (missing, unfinished, foreign, locked)."""
+
+
+class CompareError(UserError):
+    """``dualtune compare``: one of the two runs failed (its log says why); the command exits 1."""

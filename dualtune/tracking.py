@@ -42,10 +42,6 @@ log = logging.getLogger("dualtune")
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-BACKEND_PACKAGES = {
-    "torch": ("torch", "transformers", "peft", "numpy"),
-    "mindspore": ("mindspore", "mindnlp", "transformers", "peft", "numpy"),
-}
 IMAGES = ("confusion_matrix.png", "loss_curve.png")
 ARTIFACTS = (
     "recipe.yaml",
@@ -71,7 +67,9 @@ def check_trackers(recipe: Any) -> None:
 def versions(backend_name: str) -> dict[str, str]:
     """Python, dualtune and the backend's packages, from their installed metadata (nothing imported)."""
     out = {"python": platform.python_version(), "dualtune": __version__}
-    for pkg in BACKEND_PACKAGES.get(backend_name, ()):
+    from dualtune.backend import framework
+
+    for pkg in framework(backend_name).packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

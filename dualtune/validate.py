@@ -17,7 +17,6 @@ statistics.
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dualtune import data as datamap
-from dualtune.backend import check_precision
+from dualtune.backend import check_precision, default_backend, framework
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
 from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
 
@@ -242,22 +241,7 @@ def check_device(backend: str, device: str) -> None:
     skips it (a machine whose devices appear elsewhere)."""
     if os.environ.get("DUALTUNE_SKIP_DEVICE_CHECK") == "1":
         return
-    if backend == "mindspore":
-        if device == "ascend" and not glob.glob("/dev/davinci[0-9]*"):
-            raise BackendError(
-                "--device ascend: no Ascend NPU on this machine (no /dev/davinci*); use --device cpu"
-            )
-        if device == "gpu" and not glob.glob("/dev/nvidia[0-9]*"):
-            raise BackendError(
-                "--device gpu: no NVIDIA GPU on this machine (no /dev/nvidia*); use --device cpu"
-            )
-        if device not in ("cpu", "ascend", "gpu"):
-            raise BackendError(f"--device {device}: the mindspore backend runs on cpu, ascend, gpu")
-    elif backend == "torch":
-        # cuda: torch's own check (torch.cuda.is_available) is one line and comes before any run
-        # directory; device files are no proof either way (WSL's GPU has no /dev/nvidia*).
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise BackendError(f"--device {device}: the torch backend runs on cpu or cuda")
+    framework(backend).check_device(device)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -440,7 +424,7 @@ def check_label_words(recipe: Recipe, tok, names: list[str], present: list[int],
 
 def validate(
     recipe: Recipe,
-    backend: str = "torch",
+    backend: str | None = None,
     device: str = "cpu",
     output: str | Path | None = None,
     overwrite: bool = False,
@@ -448,6 +432,7 @@ def validate(
     check_out: bool = True,
 ) -> Plan:
     """Every check a run can make before its framework loads; returns the plan or raises a UserError."""
+    backend = backend or default_backend()
     check_device(backend, device)
     check_precision(backend, device, recipe.train.precision)
     target = None

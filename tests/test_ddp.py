@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,8 @@ def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny
     _, err = cut.communicate(timeout=300)
     assert cut.returncode == 143, err[-2000:]
     assert any(line.startswith("dualtune: stopped by SIGTERM after step") for line in err.splitlines())
+    # torchrun's own report (SignalException, ChildFailedError) stays in its log
+    assert "Traceback" not in err and "SignalException" not in err, err[-2000:]
     dualtune_cli("run", *common, "--output-dir", str(tmp_path / "b"), "--resume", env=env)
     ref, resumed = records(tmp_path / "ref"), records(tmp_path / "b")
     assert [r["step"] for r in resumed] == [r["step"] for r in ref] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
@@ -125,3 +128,51 @@ def test_a_data_parallel_run_stopped_by_sigterm_resumes_to_the_same_numbers(tiny
     assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes() == (
         tmp_path / "ref" / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
+
+
+def test_a_killed_process_is_one_line_naming_it_and_its_log(tiny_bert, fin_data, tmp_path):
+    """kill -9 of process 1: the job ends with exit 1 and one line, as the MindSpore launcher's does;
+    gloo's "Connection reset by peer" and torchrun's ChildFailedError stay in the logs."""
+    import psutil
+
+    cut = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dualtune.cli",
+            "run",
+            str(RECIPES / "minilm_demo.yaml"),
+            f"model.name_or_path={tiny_bert}",
+            f"data.source={fin_data}",
+            "train.max_steps=400",
+            "train.batch_size=8",
+            "--no-progress",
+            "--nproc",
+            "2",
+            "--output-dir",
+            str(tmp_path / "k"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+        '"step": 2' in p.read_text() for p in tmp_path.glob("k.partial-*/metrics.jsonl")
+    ):
+        time.sleep(0.05)
+    rank1 = [
+        child
+        for child in psutil.Process(cut.pid).children(recursive=True)
+        if child.environ().get("RANK") == "1" and "dualtune.cli" in " ".join(child.cmdline())
+    ]
+    assert len(rank1) == 1
+    rank1[0].kill()
+    _, err = cut.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert cut.returncode == 1, err[-2000:]
+    assert last.startswith("dualtune: error: process 1 of 2 was killed by SIGKILL; its log: "), err[-2000:]
+    log = Path(last.split("its log: ")[1])
+    assert log.name == "worker_1.log" and log.is_file()
+    for noise in ("Traceback", "ChildFailedError", "Connection reset", "SignalException"):
+        assert noise not in err, err[-3000:]

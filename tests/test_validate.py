@@ -277,7 +277,9 @@ def test_os_errors_while_writing_are_one_line(monkeypatch, capsys):
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "runs/x/adapter/adapter_model.safetensors")
 
-    monkeypatch.setitem(cli.__dict__, "_cmd_report", full)
+    from dualtune.commands import report
+
+    monkeypatch.setattr(report, "main", full)
     assert cli.main(["report", "runs/x"]) == 2
     assert capsys.readouterr().err == (
         "dualtune: error: runs/x/adapter/adapter_model.safetensors: No space left on device\n"

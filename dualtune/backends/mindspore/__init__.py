@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-from dualtune.backend import BackendError, torch_flavour
+from dualtune.backend import BackendError
+from dualtune.backends.hf import torch_flavour
 
 log = logging.getLogger("dualtune")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from dualtune.backend import BackendError, torch_flavour
+from dualtune.backend import BackendError
+from dualtune.backends.hf import torch_flavour
 
 
 def activate(device: str) -> None:

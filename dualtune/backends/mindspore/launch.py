@@ -1,7 +1,7 @@
 """``dualtune run --nproc N --backend mindspore``: the same command under MindSpore's msrun.
 
 msrun starts a scheduler process and N worker processes, each running the command (the scheduler
-only serves the cluster: ``backends.mindspore.serve_msrun_scheduler``). It writes every process's
+only serves the cluster: ``dualtune.backends.mindspore.serve_msrun_scheduler``). It writes every process's
 output to a log file of its own and, when one fails, kills the others. Here its log folder is a
 temporary one (kept, and named, only when a process failed); the workers' lines are copied to this
 process's stderr as they come; signals go to the workers themselves (msrun answers SIGINT by
@@ -14,28 +14,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
+from dualtune import launch as common
 from dualtune.errors import UserError
-from dualtune.rundir import read_marker
+from dualtune.signals import handling
 
 # msrun's line for a worker that exited with a non-zero status (mindspore 2.7's process manager)
 FAILED_WORKER = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def msrun_command(nproc: int, port: int, log_dir: Path, argv: list[str]) -> list[str]:
@@ -95,45 +86,7 @@ class Workers:
                 pass
 
 
-def copy_lines(log_dir: Path, nproc: int, done: threading.Event) -> None:
-    """Copy each worker log's lines to stderr as they are written, until ``done``, then the rest."""
-    files: dict[int, TextIO] = {}
-    pending = {rank: "" for rank in range(nproc)}
-    while True:
-        finished = done.is_set()
-        for rank in range(nproc):
-            if rank not in files:
-                path = log_dir / f"worker_{rank}.log"
-                if not path.exists():
-                    continue
-                files[rank] = path.open(errors="replace")
-            text = pending[rank] + files[rank].read()
-            *lines, pending[rank] = text.split("\n")
-            for line in lines:
-                if not line.startswith("[INFO] PS("):  # MindSpore's cluster start, whatever GLOG_v says
-                    sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        if finished:
-            for rest in pending.values():
-                if rest:
-                    sys.stderr.write(rest + "\n")
-            for f in files.values():
-                f.close()
-            return
-        done.wait(0.2)
-
-
-def finished_by(output: Path, pid: int | None) -> bool:
-    """Whether the run directory ``output`` is a finished run that process ``pid`` wrote."""
-    marker = read_marker(output)
-    return (
-        pid is not None
-        and marker is not None
-        and (marker.get("status"), marker.get("pid")) == ("finished", pid)
-    )
-
-
-def launch(nproc: int, argv: list[str], log, output: Path) -> int:
+def launch(nproc: int, argv: list[str], log: Any, output: Path) -> int:
     """Run ``dualtune <argv>`` on ``nproc`` worker processes under msrun, writing the run directory
     ``output``; the exit status of the job: 0, 128 + a signal this process received and passed on,
     or 1 when a worker failed."""
@@ -142,35 +95,24 @@ def launch(nproc: int, argv: list[str], log, output: Path) -> int:
         from mindspore.parallel.cluster import run  # noqa: F401  (only to say it is there)
     except ImportError as err:
         raise UserError(f"--nproc {nproc} --backend mindspore: msrun cannot start ({err})") from None
-    log_dir = Path(tempfile.mkdtemp(prefix="dualtune-msrun-"))
-    # msrun starts the workers as `python ...` from PATH: make that this interpreter.
-    bin_dir = log_dir / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # As torchrun does: the cores are shared, so each process's kernels take their share of threads.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
-    cmd = msrun_command(nproc, free_port(), log_dir, argv)
+    log_dir = common.log_folder()
+    env = common.worker_env(log_dir, nproc)
+    cmd = msrun_command(nproc, common.free_port(), log_dir, argv)
     log.info("data parallel on %d processes: msrun %s", nproc, " ".join(cmd[3:]))
     msrun_out = log_dir / "msrun.log"
     with msrun_out.open("w") as out:
         # A session of its own: Ctrl-C reaches this process only, which passes it to the workers.
         child = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     workers = Workers(child.pid)
-    done = threading.Event()
-    copier = threading.Thread(target=copy_lines, args=(log_dir, nproc, done), daemon=True)
-    copier.start()
     received: list[int] = []
 
-    def forward(signum, frame):  # the workers finish the step and checkpoint (process 0 says where)
+    def forward(signum: int) -> None:  # the workers finish the step and checkpoint (process 0 says where)
         received.append(signum)
         workers.signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     reniced = worker_failed = False
-    try:
+    # MindSpore's cluster start lines come whatever GLOG_v says
+    with handling(forward), common.LineCopier(log_dir, nproc, skip_prefixes=("[INFO] PS(",)):
         while child.poll() is None:
             if not reniced and len(workers.refresh()) == nproc:
                 # msrun waits for its workers in a loop without a pause (half a core on 2 cores);
@@ -185,41 +127,29 @@ def launch(nproc: int, argv: list[str], log, output: Path) -> int:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(workers.scheduler, signal.SIGKILL)
             time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        done.set()
-        copier.join()
     if received:
-        shutil.rmtree(log_dir, ignore_errors=True)
+        common.forget(log_dir)
         return 128 + received[0]
     if child.returncode == 0:
-        shutil.rmtree(log_dir, ignore_errors=True)
+        common.forget(log_dir)
         return 0
     failed = FAILED_WORKER.search(msrun_out.read_text(errors="replace"))
     if failed:
         pid, code = int(failed.group(1)), int(failed.group(2))
         rank = workers.ranks.get(pid)
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         rank0 = next((p for p, r in workers.ranks.items() if r == 0), None)
-        if code == -signal.SIGSEGV and finished_by(output, rank0):
+        if code == -signal.SIGSEGV and common.finished_by(output, rank0):
             # MindSpore 2.7 on CPU: its cluster's receive thread (RECV_EVENT_LOOP) sometimes reads a
             # null pointer as a process exits (3 of about 30 exits here; the kernel log names
             # libmindspore_backend_common.so). Every process had passed the final barrier.
             print(
-                f"dualtune: warning: process {rank} of {nproc} {how} in MindSpore's exit, after the run "
-                f"had finished; the run directory {output} is complete",
+                f"dualtune: warning: process {rank} of {nproc} {common.how_it_ended(code)} in MindSpore's "
+                f"exit, after the run had finished; the run directory {output} is complete",
                 file=sys.stderr,
             )
-            shutil.rmtree(log_dir, ignore_errors=True)
+            common.forget(log_dir)
             return 0
-        if rank is None:  # it ended before this process saw it start
-            print(f"dualtune: error: a process (pid {pid}) {how}; logs in {log_dir}", file=sys.stderr)
-        else:
-            print(
-                f"dualtune: error: process {rank} of {nproc} {how}; its log: {log_dir}/worker_{rank}.log",
-                file=sys.stderr,
-            )
+        print(common.failure_line(rank, nproc, code, log_dir, pid), file=sys.stderr)
     else:
         print(f"dualtune: error: msrun failed (exit {child.returncode}); logs in {log_dir}", file=sys.stderr)
     return 1

@@ -1,0 +1,41 @@
+"""``dualtune report RUN_DIR...``: finished runs side by side in one table (loads no framework)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+NAME = "report"
+log = logging.getLogger("dualtune")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    rep = sub.add_parser(
+        NAME,
+        help="finished runs side by side in one table",
+        description="One row per RUN_DIR (in the order given) from its final_metrics.json, "
+        "trainable.json and recipe.yaml: backend, method, the task's main metric "
+        "(accuracy; seq2seq exact_match, else teacher_forced_accuracy), macro F1, "
+        "trainable parameters, train time, peak memory, steps. Loads no framework.",
+    )
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
+    rep.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="also write the runs' curves to one PNG: train loss per step, eval loss and the "
+        "judged metric at each evaluation (from each run's metrics.jsonl)",
+    )
+    return rep
+
+
+def main(args: argparse.Namespace) -> int:
+    from dualtune.report import report
+
+    print(report(args.run_dirs, args.format))
+    if args.plot:
+        from dualtune.report import plot_curves
+
+        log.info("plot: %s", plot_curves(args.run_dirs, args.plot))
+    return 0
