@@ -6,6 +6,7 @@ passed on, and one line when a process fails. Each framework's own launcher
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ from typing import TextIO
 
 from dualtune.rundir import read_marker
 
+RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
 # Set by a launcher for its workers: each writes its stdout and stderr to <dir>/worker_<rank>.log.
 WORKER_LOGS = "DUALTUNE_WORKER_LOGS"
 
@@ -95,12 +97,13 @@ class LineCopier:
                     lines.append(pending[rank])
                     pending[rank] = ""
                 for line in lines:
-                    if line.startswith("Traceback (most recent call last):"):
+                    bare = RANK_PREFIX.sub("", line)  # torch.distributed prefixes a worker's error lines
+                    if bare.startswith("Traceback (most recent call last):"):
                         in_traceback[rank] = True
                         continue
                     if in_traceback[rank]:
                         # the traceback's last line is the first one not indented: the exception
-                        in_traceback[rank] = line.startswith((" ", "\t")) or not line
+                        in_traceback[rank] = bare.startswith((" ", "\t")) or not bare
                         continue
                     if not line.startswith(self.skip):
                         sys.stderr.write(line + "\n")

@@ -1,6 +1,7 @@
 """What both backends share: Hugging Face models driven through the torch API (PyTorch, or mindtorch
 under MindSpore). ``backend``: the model-level ``HFBackend``; ``methods``: per-method knowledge (peft
-configs, BitFit); ``tiny``: tiny random models. Import only after a framework is active."""
+configs, BitFit); ``tiny``: tiny random models. Those modules import torch: import them only after a
+framework is active. This one imports nothing (both frameworks' ``activate`` ask ``torch_flavour``)."""
 
 from __future__ import annotations
 
