@@ -137,6 +137,12 @@ class Backend(FrameworkStep):
         framework reports none (CPU)."""
         return None
 
+    def device_info(self) -> dict[str, Any]:
+        """What a run record says of the device and the framework's settings: the accelerator's model
+        and toolkit versions (CUDA, CANN), the determinism settings in force. Framework-free facts
+        (packages, CPU, environment variables) come from ``dualtune.environment``."""
+        return {}
+
     def compile_seconds(self, model: Any) -> float | None:
         """Seconds spent compiling ``model``'s graphs (each graph's first call per shape, its run
         included), or None where the backend compiles none for it."""

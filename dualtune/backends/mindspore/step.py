@@ -7,6 +7,7 @@ Imported by ``create`` after activation: its ``import torch`` must resolve to mi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -395,6 +396,19 @@ class MindSporeBackend(HFBackend):
         if self.device == "cpu":
             return None
         return mindspore.runtime.max_memory_allocated() / 2**20
+
+    def device_info(self) -> dict:
+        info: dict = {
+            "device_target": mindspore.get_context("device_target"),
+            "deterministic": mindspore.get_context("deterministic"),
+            "mode": "pynative" if mindspore.get_context("mode") == mindspore.PYNATIVE_MODE else "graph",
+        }
+        if self.device == "ascend":
+            # CANN's version file, where the toolkit is installed (the default prefix)
+            for path in ("/usr/local/Ascend/ascend-toolkit/latest/version.cfg",):
+                with contextlib.suppress(OSError), open(path) as f:
+                    info["cann"] = f.read().strip().splitlines()[-1]
+        return info
 
     def world(self):
         if not communication.GlobalComm.INITED:

@@ -112,6 +112,20 @@ class TorchBackend(HFBackend):
             return None
         return torch.cuda.max_memory_allocated(self.torch_device) / 2**20
 
+    def device_info(self) -> dict:
+        info: dict = {
+            "threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        }
+        if self.torch_device.type == "cuda":
+            info.update(
+                accelerator=torch.cuda.get_device_name(self.torch_device),
+                cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+                cudnn_deterministic=torch.backends.cudnn.deterministic,
+            )
+        return info
+
     def world(self):
         if not torch.distributed.is_initialized():
             return 0, 1
