@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from dualtune.backend import BackendError
 from dualtune.backends.hf import torch_flavour
@@ -84,7 +85,17 @@ def activate(device: str) -> None:
     os.environ["HF_ENDPOINT"] = user_endpoint or "https://huggingface.co"
     # mindnlp imports diffusers, whose "Modular Diffusers is ... experimental" notice is not ours.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import mindnlp  # noqa: F401  (the redirect)
+    # diffusers (which mindnlp imports whole) builds its ONNX pipelines when onnxruntime is installed
+    # (the export extra), and under mindnlp that fails: "diffusers.pipelines has no attribute
+    # OnnxStableDiffusionInpaintPipelineLegacy". Its probe is find_spec, which a None entry answers.
+    hide_onnxruntime = "onnxruntime" not in sys.modules
+    if hide_onnxruntime:
+        sys.modules["onnxruntime"] = None  # type: ignore[assignment]
+    try:
+        import mindnlp  # noqa: F401  (the redirect)
+    finally:
+        if hide_onnxruntime:
+            del sys.modules["onnxruntime"]
 
     if user_endpoint is None:
         del os.environ["HF_ENDPOINT"]
