@@ -9,6 +9,9 @@ export GLOG_v=3 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "ci: ruff check, ruff format --check, mypy"
 .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy || exit 1
 reports=$(mktemp -d)
+# The docs: strict, so a broken link or anchor, or a page missing from mkdocs.yml's nav, fails CI.
+echo "ci: mkdocs build --strict"
+.venv/bin/mkdocs build --strict --site-dir "$reports/site" || exit 1
 status=0
 # The two suites side by side, each in its own process (mindnlp takes over `import torch`) and
 # its own temporary folder: much of a test's time is one thread launching small ops (measured on

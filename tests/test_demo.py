@@ -47,7 +47,7 @@ def test_minilm_demo_methods_beat_majority_class(tmp_path):
 def test_minilm_fpb_recipe_runs_on_a_file_in_the_phrasebank_format(tmp_path):
     """recipes/minilm_fpb.yaml as shipped, with data.source pointing at a Sentences_AllAgree.txt-style
     file (``sentence@label``, latin-1, as FinancialPhraseBank-v1.0 has it) of generated sentences: the
-    real data is never in the repository. The measured numbers on the real file are in the README."""
+    real data is never in the repository. The measured numbers on the real file are in BENCHMARKS.md."""
     rows = synthetic.generate(rows=400, seed=3)
     source = tmp_path / "Sentences_AllAgree.txt"
     lines = [f"{row['sentence']} (ré)@{row['label']}" for row in rows]  # é: latin-1, not UTF-8
@@ -65,7 +65,7 @@ def test_minilm_fpb_recipe_runs_on_a_file_in_the_phrasebank_format(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["steps"] == 2 * -(-360 // 16)  # 400 rows, 90/10 split, batch 16, 2 epochs
-    # 46 steps on made-up sentences: the loss falls (the accuracy bar is met on the real file, README).
+    # 46 steps on made-up sentences: the loss falls (the accuracy bar is met on the real file, BENCHMARKS.md).
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("split") != "eval"]
     evals = [r["eval_loss"] for r in records if r.get("split") == "eval"]
