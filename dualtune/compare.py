@@ -18,7 +18,7 @@ import numpy as np
 from dualtune.errors import CompareError
 from dualtune.rundir import write_atomic, write_json
 
-# fp32 on CPU; see README "Parity".
+# fp32 on CPU; see docs/parity.md.
 TOLERANCES = {"init_loss_rel": 1e-5, "init_logits_abs": 1e-5, "step_loss_rel": 1e-3}
 LAYER_REL_FLAG = 1e-4  # --layers: the first module whose relative difference exceeds this is named
 
