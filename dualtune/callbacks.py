@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dualtune.errors import DivergedError
 from dualtune.metrics import better
 
 log = logging.getLogger("dualtune")
@@ -97,7 +98,7 @@ class NanGuard(Callback):
 
     def on_step_end(self, state, record):
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
+            raise DivergedError(
                 f"loss is {record['loss']} at step {record['step']}; lower optim.lr or set optim.grad_clip"
             )
 

@@ -80,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"dualtune: error: {where}{err.strerror or os.strerror(err.errno)}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:  # the loop's "loss is nan at step N; lower optim.lr ..."
-        print(f"dualtune: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("dualtune: interrupted", file=sys.stderr)
         return 130

@@ -55,9 +55,11 @@ def _run(backend: str, recipe: str, overrides: list[str], out: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     write_atomic(out / f"{backend}.log", proc.stderr)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        # One line: the run's own last line (its error, or the end of a traceback) and where the rest is.
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        last = lines[-1].removeprefix("dualtune: error: ") if lines else "no output"
         raise CompareError(
-            f"the {backend} run failed (exit {proc.returncode}); see {out / backend}.log:\n{tail}"
+            f"the {backend} run failed (exit {proc.returncode}): {last}; its log: {out / backend}.log"
         )
 
 

@@ -27,5 +27,14 @@ class RunDirError(UserError):
     """A run directory that is not what the command needs (missing, unfinished, foreign, locked)."""
 
 
+class DivergedError(UserError, FloatingPointError):
+    """Training whose loss stopped being a finite number (the NaN guard): the recipe's to change."""
+
+
 class CompareError(UserError):
-    """``dualtune compare``: one of the two runs failed (its log says why); the command exits 1."""
+    """``dualtune compare``: one of the two runs failed (the line gives its last line and its log);
+    the command exits 1."""
+
+
+class SweepError(UserError):
+    """A sweep that cannot run as asked (storage, sweep directory, optuna missing, a worker failed)."""

@@ -47,7 +47,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from dualtune.errors import RecipeError, UserError
+from dualtune.errors import RecipeError, SweepError, UserError
 from dualtune.recipe import TASK_METRICS, Recipe, TrainSpec, load_recipe
 
 DIRECTIONS = ("maximize", "minimize")
@@ -58,10 +58,6 @@ OWNER = "dualtune_owner"  # trial user attr: the worker process that runs it (ho
 CONFIG = "dualtune_config"  # study user attr: what the sweep searches, checked when it continues
 POLL_S = 0.5
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-class SweepError(UserError):
-    """A sweep that cannot run as asked (storage, sweep directory, optuna missing)."""
 
 
 # ---------------------------------------------------------------------------------- the space

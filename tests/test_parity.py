@@ -107,6 +107,23 @@ def test_t5_bucket_correction_is_what_makes_parity(tmp_path, tiny_t5, fin_data):
     assert report["checks"]["init_logits_abs"]["value"] > 10 * TOLERANCES["init_logits_abs"]
 
 
+def test_compare_whose_run_fails_is_one_line(tmp_path):
+    """The first run fails (its data file is missing): compare stops before the second with the run's
+    own error in one line, exit 1 (the comparison failed), and the log that holds the rest."""
+    missing = tmp_path / "missing.csv"
+    out = tmp_path / "cmp"
+    proc = dualtune_cli(
+        "compare", str(RECIPES / "minilm_demo.yaml"), f"data.source={missing}", "--out", str(out), check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "compare: training on torch ...",
+        f"dualtune: error: the torch run failed (exit 2): data.source {missing}: no such file; "
+        f"its log: {out / 'torch'}.log",
+    ]
+    assert not (out / "mindspore").exists()
+
+
 def _predictions(path: Path) -> list[dict]:
     return [json.loads(item) for item in path.read_text().splitlines()]
 

@@ -202,7 +202,7 @@ def test_nan_run_leaves_good_run_untouched(t5_runs, tiny_t5, fin_data, tmp_path)
     proc = run_cli_parallel(
         {"nan": run_args("lora", tiny_t5, fin_data, good, "optim.lr=1e30", "--overwrite")}
     )["nan"]
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == (
         "dualtune: error: loss is nan at step 2; lower optim.lr or set optim.grad_clip"
     )
