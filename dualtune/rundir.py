@@ -12,8 +12,6 @@ are written aside and renamed into place, so one cut by ``kill -9`` is never rea
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
@@ -24,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
+import psutil
 
 from dualtune.errors import RunDirError
 
@@ -73,12 +73,22 @@ def run_status(marker: dict) -> str:
     return f"{marker.get('status')}{step}"
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie has ended). With ``started`` (its
+    ``psutil.Process.create_time()`` when it was recorded): whether it is still that process, not a
+    later one given the same pid. create_time is boot time plus ticks, and the boot time moves when the
+    clock is set: a second's slack."""
+    if pid <= 0:
+        return False
     try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno == errno.EPERM
-    return True
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
 
 
 def free_name(target: Path) -> Path:
@@ -206,29 +216,34 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]
 
 
 class TargetLock:
-    """An exclusive lock on the target path (``<parent>/.<name>.lock``), held for the whole run."""
+    """An exclusive lock on the target path (``<parent>/.<name>.lock``), held for the whole run; the
+    file holds the holder's pid, for the message a second run gets."""
 
     def __init__(self, target: Path):
         self.target = target
         self.path = target.with_name(f".{target.name}.lock")
-        self._fd: int | None = None
+        self._lock = filelock.FileLock(
+            self.path, blocking=False, thread_local=False, on_acquired=self._write_pid
+        )
+
+    @staticmethod
+    def _write_pid(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
 
     def __enter__(self) -> TargetLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            err = self._busy(fd)
-            os.close(fd)
-            raise err from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise self._busy() from None
         return self
 
-    def _busy(self, fd: int) -> RunDirError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+    def _busy(self) -> RunDirError:
+        try:
+            holder = self.path.read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
         return RunDirError(
             f"{self.target}: another dualtune run (pid {holder}) is writing it; wait for "
             f"it to end or choose another --output-dir"
@@ -236,25 +251,21 @@ class TargetLock:
 
     def check_free(self) -> None:
         """Refuse at once (before a framework loads) when another run holds the lock; creates nothing."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except OSError:
+        if not self.path.exists():
             return  # no lock file, no run
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close
-        except BlockingIOError:
-            raise self._busy(fd) from None
-        finally:
-            os.close(fd)
+            with filelock.FileLock(self.path, blocking=False, thread_local=False):
+                pass
+        except filelock.Timeout:
+            raise self._busy() from None
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
+        if self._lock.is_locked:
             try:
-                os.unlink(self.path)
+                os.unlink(self.path)  # while held: a run that opened it before finds it unlinked and retries
             except OSError:
                 pass
-            os.close(self._fd)
-            self._fd = None
+            self._lock.release()
 
 
 class RunDir:
