@@ -19,6 +19,7 @@ optuna = pytest.importorskip("optuna")
 from dualtune import sweep as sweepmod
 from dualtune.errors import RecipeError
 from dualtune.recipe import TrainSpec, load_recipe
+from dualtune.sweep import workers as sweepworkers
 from helpers import RECIPES, REPO, dualtune_cli
 from torch_helpers import CLI_ENV
 
@@ -197,11 +198,11 @@ def test_pruned_and_failed_trials_across_processes(tmp_path, monkeypatch, capsys
     script = tmp_path / "fake_trial.py"
     script.write_text(FAKE_TRIAL)
     monkeypatch.setattr(
-        sweepmod,
+        sweepworkers,
         "_run_command",
         lambda sw, params, target, resume: [sys.executable, str(script), str(target)],
     )
-    monkeypatch.setattr(sweepmod, "POLL_S", 0.1)
+    monkeypatch.setattr(sweepworkers, "POLL_S", 0.1)
     space = write_space(
         tmp_path / "space.yaml",
         {
