@@ -4,7 +4,7 @@ Under PyNative every MindSpore op costs about 100 us to launch on CPU (260 us wh
 gradient; torch: 8 us), and a step of a real model runs thousands of them: at real sentence lengths
 most of a step is launch cost. transformers' model code cannot be compiled (``mindspore.jit``
 rejects its ``try`` statements; bytecode capture was no faster; trace capture fails inside
-mindtorch), so each architecture module (``t5_graph``, ``bert_graph``, ``llama_graph``) writes
+mindtorch), so each architecture module (``t5``, ``bert``, ``llama``) writes
 its model's forward once more in MindSpore ops, over the model's own parameters (mindtorch
 parameters are MindSpore tensors: no copy), and compiles it with ``mindspore.jit``: the loss with
 its gradient, the forward for evaluation, and whatever else the task needs (T5's greedy decoding
@@ -23,10 +23,14 @@ by op as before.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import mindspore
 import numpy as np
 from mindspore import nn, ops
+
+from dualtune.backend import Tensor
 
 # Source lengths are padded up to one of these (past the last, to a multiple of 64), rows to a power
 # of two. Each shape is a compile (17-30 s for a t5-small training step here): few shapes, at most a
@@ -35,7 +39,7 @@ SOURCE_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
-def lora_parts(module):
+def lora_parts(module: Any) -> tuple[Tensor, Tensor, float, Any] | None:
     """(A, B, scaling, dropout module) of a peft LoRA linear with one plain adapter, else None."""
     adapters = getattr(module, "active_adapters", None)
     if not hasattr(module, "lora_A") or not adapters or len(adapters) != 1:
@@ -51,7 +55,7 @@ def lora_parts(module):
     )
 
 
-def active_module(module):
+def active_module(module: Any) -> Any:
     """The module that runs in ``module``'s place: the active copy of a peft ``ModulesToSaveWrapper``
     (the classification head peft trains and saves), else the module itself."""
     if not hasattr(module, "modules_to_save") or not hasattr(module, "original_module"):
@@ -62,18 +66,18 @@ def active_module(module):
     return module.modules_to_save[adapters[0]]
 
 
-def base_model(model):
+def base_model(model: Any) -> Any:
     """The transformers model under a peft wrapper (or the model itself: no peft)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def peft_type(model) -> str:
+def peft_type(model: Any) -> str:
     """The active peft method: NONE (no peft: full fine-tuning, BitFit), LORA, PREFIX_TUNING, ..."""
     config = getattr(model, "active_peft_config", None)
     return str(getattr(config, "peft_type", "NONE")).split(".")[-1]
 
 
-def lora_why_not(base) -> str | None:
+def lora_why_not(base: Any) -> str | None:
     """None when every LoRA layer in ``base`` is one the graphs write (one plain adapter on a linear)."""
     for name, module in base.named_modules():
         if hasattr(module, "lora_A") and lora_parts(module) is None:
@@ -83,7 +87,7 @@ def lora_why_not(base) -> str | None:
     return None
 
 
-def adapter_why_not(model, base) -> str | None:
+def adapter_why_not(model: Any, base: Any) -> str | None:
     """None for no peft adapter (full fine-tuning, BitFit) and plain LoRA, else why not."""
     method = peft_type(model)
     if method == "LORA":
@@ -93,7 +97,7 @@ def adapter_why_not(model, base) -> str | None:
     return None
 
 
-def classifier_why_not(model, base) -> str | None:
+def classifier_why_not(model: Any, base: Any) -> str | None:
     """None for a single-label classifier with no adapter or plain LoRA, else why not."""
     if base.num_labels < 2 or base.config.problem_type not in (None, "single_label_classification"):
         return "only single-label classification"
@@ -106,14 +110,15 @@ class Plan:
     An architecture's plan calls ``add``, ``linear`` and ``site`` for its weights and sites, and
     says each site's mask shape (``mask_shape``)."""
 
-    def __init__(self, trainable):
-        self.dropout_refs: dict[str, tuple] = {}
+    def __init__(self, trainable: Sequence[Tensor]) -> None:
+        self.dropout_refs: dict[str, tuple[Any, str]] = {}
         self.trainable_ids = {id(p): i for i, p in enumerate(trainable)}
-        self.trainable, self.frozen = list(trainable), []
+        self.trainable: list[Tensor] = list(trainable)
+        self.frozen: list[Tensor] = []
         self.index: dict[str, tuple[int, int]] = {}
         self.lora: dict[str, float] = {}
 
-    def add(self, name, tensor):
+    def add(self, name: str, tensor: Tensor) -> None:
         if id(tensor) in self.trainable_ids:
             self.index[name] = (0, self.trainable_ids[id(tensor)])
         else:
@@ -122,7 +127,7 @@ class Plan:
             self.index[name] = (1, len(self.frozen))
             self.frozen.append(graph_tensor(tensor))
 
-    def linear(self, name, module):
+    def linear(self, name: str, module: Any) -> None:
         module = active_module(module)
         parts = lora_parts(module) if hasattr(module, "lora_A") else None
         base = module if parts is None else module.base_layer
@@ -137,17 +142,17 @@ class Plan:
         self.lora[name] = scaling
         self.site(name + ".lora", dropout)  # p read at each step (Identity when 0: no p)
 
-    def site(self, name, module, attr="p"):
+    def site(self, name: str, module: Any, attr: str = "p") -> None:
         self.dropout_refs[name] = (module, attr)
 
-    def constants(self) -> tuple:
+    def constants(self) -> tuple[Any, ...]:
         """The architecture's own constants (dimensions, epsilons, ...)."""
         raise NotImplementedError
 
-    def mask_shape(self, name: str, *shape) -> tuple:
+    def mask_shape(self, name: str, *shape: int) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[Any, ...]:
         """Everything a graph compiles in as a constant: models with equal signatures share graphs
         (weights are inputs), so a second model of one structure in a process (a notebook's second
         run, the test suite) compiles nothing new. (Sweep trials are processes of their own.)
@@ -160,10 +165,10 @@ class Plan:
             self.constants(),
         )
 
-    def dropout_sites(self, *shape) -> list[tuple[str, tuple, float]]:
+    def dropout_sites(self, *shape: int) -> list[tuple[str, tuple[int, ...], float]]:
         """(site, mask shape, p) for every dropout that runs, in a fixed order (the masks' draw
         order). p is read from the modules each time: ``disable_dropout`` may have zeroed them."""
-        sites = []
+        sites: list[tuple[str, tuple[int, ...], float]] = []
         for name, (module, attr) in self.dropout_refs.items():
             p = float(getattr(module, attr, 0.0) or 0.0)
             if p > 0:
@@ -176,7 +181,7 @@ class GraphNet(nn.Cell):
     ``site`` names index the dropout-mask tuple; a site not in ``sites`` does not run (p = 0 or
     evaluation)."""
 
-    def __init__(self, plan: Plan, sites: tuple[str, ...]):
+    def __init__(self, plan: Plan, sites: tuple[str, ...]) -> None:
         super().__init__()
         self.index = plan.index
         self.lora = dict(plan.lora)
@@ -185,18 +190,20 @@ class GraphNet(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
 
-    def w(self, t, f, name):
+    def w(self, t: Sequence[Tensor], f: Sequence[Tensor], name: str) -> Tensor:
         which, i = self.index[name]
         if which == 0:
             return t[i]
         return f[i]
 
-    def drop(self, masks, x, site):
+    def drop(self, masks: Sequence[Tensor], x: Tensor, site: str) -> Tensor:
         if site in self.sites:
             return x * masks[self.sites[site]]
         return x
 
-    def linear(self, t, f, masks, x, name):
+    def linear(
+        self, t: Sequence[Tensor], f: Sequence[Tensor], masks: Sequence[Tensor], x: Tensor, name: str
+    ) -> Tensor:
         y = self.matmul_t(x, self.w(t, f, name))
         if name + ".bias" in self.index:
             y = ops.bias_add(y, self.w(t, f, name + ".bias"))
@@ -208,7 +215,7 @@ class GraphNet(nn.Cell):
             y = y + lora * self.lora[name]
         return y
 
-    def classification_loss(self, logits, labels, class_weights):
+    def classification_loss(self, logits: Tensor, labels: Tensor, class_weights: Tensor) -> Tensor:
         """Cross-entropy as torch weighs it (sum w[y] * nll / sum w[y]; all ones without class
         weights); padded rows (label -100) weigh nothing."""
         valid = ops.cast(labels != -100, mindspore.float32)
@@ -217,7 +224,7 @@ class GraphNet(nn.Cell):
         picked = ops.gather_d(ops.log_softmax(logits, -1), 1, ops.expand_dims(target, 1))
         return -ops.sum(ops.reshape(picked, (-1,)) * weight) / ops.sum(weight)
 
-    def rms_norm(self, t, f, x, name, eps):
+    def rms_norm(self, t: Sequence[Tensor], f: Sequence[Tensor], x: Tensor, name: str, eps: float) -> Tensor:
         """T5's and Llama's RMS norm, every elementwise op on equal shapes: MindSpore's CPU kernels
         take 25-30x as long when an operand broadcasts (cpu_speed.patch_rms_norms); the mean and
         the broadcasts as matmuls (a 1/d column, outer products with ones: exact)."""
@@ -230,26 +237,53 @@ class GraphNet(nn.Cell):
         )
         return weight * (x * scale)
 
+    def split_heads(self, x: Tensor, batch: int, heads: int, head_dim: int) -> Tensor:
+        """(batch * length, heads * head_dim) -> (batch, heads, length, head_dim)."""
+        return ops.transpose(ops.reshape(x, (batch, -1, heads, head_dim)), (0, 2, 1, 3))
 
-class LossOf(nn.Cell):
-    def __init__(self, net):
+    def attend(
+        self,
+        masks: Sequence[Tensor],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor,
+        site: str,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Attention over split heads: softmax(q k^T, times ``scale`` where given, + ``bias``), its
+        dropout ``site``, times v, the heads merged back: (batch * queries, heads * head_dim)."""
+        scores = self.bmm_t(q, k)
+        if scale is not None:
+            scores = scores * scale
+        weights = self.drop(masks, ops.softmax(scores + bias, -1), site)
+        out = ops.transpose(self.bmm(weights, v), (0, 2, 1, 3))
+        return ops.reshape(out, (-1, q.shape[1] * v.shape[3]))
+
+
+class NetCall(nn.Cell):
+    """A graph kind other than the net's own forward: ``construct`` calls into ``net``."""
+
+    def __init__(self, net: GraphNet) -> None:
         super().__init__()
         self.net = net
 
-    def construct(self, *args):
+
+class LossOf(NetCall):
+    def construct(self, *args: Tensor) -> Tensor:
         return self.net(*args)[0]
 
 
-def graph_tensor(tensor):
+def graph_tensor(tensor: Tensor) -> Tensor:
     """A plain MindSpore tensor holding ``tensor``'s values (a copy)."""
     return mindspore.Tensor(tensor)
 
 
-def _unused():
+def _unused() -> Tensor:
     return mindspore.Tensor(np.zeros(1, np.float32))
 
 
-def pynative_grad_off():
+def pynative_grad_off() -> Any:
     import torch  # mindtorch here
 
     return torch.no_grad()
@@ -266,7 +300,7 @@ def row_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pad_batch(input_ids, attention_mask, pad: int):
+def pad_batch(input_ids: np.ndarray, attention_mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) with rows rounded up to a power of two and the length to its bucket: padded
     tokens are pad tokens, masked out (0); padded rows have one token, like any row."""
     batch, length = input_ids.shape
@@ -281,22 +315,33 @@ def pad_batch(input_ids, attention_mask, pad: int):
 
 # (plan signature, jit level, graph kind, dropout sites) -> jitted graph, shared by every model in
 # the process with that signature; and the (graph key, input shapes) compiled so far
-_GRAPHS: dict = {}
-_COMPILED: set = set()
+_GRAPHS: dict[tuple[Any, ...], Any] = {}
+_COMPILED: set[tuple[Any, ...]] = set()
+
+PlanT = TypeVar("PlanT", bound=Plan)
 
 
-class Compiled:
-    """The compiled graphs of one model: an architecture subclass names its ``Net`` (a GraphNet),
-    the cells of its graph kinds other than "grad" and "forward" (``cells``), and builds its
-    host-side inputs."""
+class Compiled(Generic[PlanT]):
+    """The compiled graphs of one model. An architecture subclass names its plan (``plan_class``),
+    its ``Net`` (a GraphNet) and the cells of its graph kinds other than "grad" and "forward"
+    (``cells``), and builds the net's host-side inputs (``graph_inputs``); the rest is here."""
 
+    plan_class: Callable[[Any, Sequence[Tensor]], PlanT]
     Net: type[GraphNet]
-    cells: dict = {}
+    cells: dict[str, type[NetCall]] = {}
     needs_labels = False  # evaluation without labels (prediction) runs op by op where True
 
-    def __init__(self, plan: Plan, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        self.plan = plan
-        self.rng = dropout_rng
+    def __init__(
+        self,
+        model: Any,
+        trainable: Sequence[Tensor],
+        dropout_rng: Any,
+        jit_level: str = "O0",
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        self.plan = self.plan_class(model, trainable)
+        self.model = model  # a classifier's class weights (set_class_weights) are read at each call
+        self.rng = dropout_rng  # the backend's DropoutRNG
         self.jit_level = jit_level
         # graphs this model compiled and the seconds their first calls took (compile + one run),
         # kept on the model (the backend's compile_seconds) so a run reports its own
@@ -307,11 +352,12 @@ class Compiled:
         )
         self._signature = (self.plan.signature(), jit_level, weight_shapes)
 
-    def _graph(self, kind: str, sites: tuple[str, ...] = ()):
+    def _graph(self, kind: str, sites: tuple[str, ...] = ()) -> Any:
         """kind: "grad" (loss and gradients), "forward" (the net's own outputs), or one of ``cells``."""
         key = (self._signature, kind, sites)
         if key not in _GRAPHS:
             net = self.Net(self.plan, sites)
+            fn: Any
             if kind == "grad":
                 fn = mindspore.value_and_grad(LossOf(net), grad_position=0)
             elif kind == "forward":
@@ -321,7 +367,7 @@ class Compiled:
             _GRAPHS[key] = mindspore.jit(fn, jit_level=self.jit_level)
         return _GRAPHS[key]
 
-    def weights(self):
+    def weights(self) -> tuple[Any, Any]:
         # mutable: a tuple given to a graph is otherwise a constant (compiled in, no gradient)
         return (
             # Neither tuple may be empty (full fine-tuning freezes nothing, a loaded adapter trains
@@ -330,7 +376,7 @@ class Compiled:
             mindspore.mutable(tuple(self.plan.frozen) or (_unused(),)),
         )
 
-    def masks(self, training: bool, *shape):
+    def masks(self, training: bool, *shape: int) -> tuple[tuple[str, ...], Any]:
         """(site names, masks) for the dropouts that run in a training step of this shape."""
         if not training:
             return (), ()
@@ -341,7 +387,7 @@ class Compiled:
         masks = tuple(mindspore.Tensor.from_numpy(m) for m in self.rng.keep_scales([s[1:] for s in sites]))
         return names, mindspore.mutable(masks) if masks else masks
 
-    def call(self, key, args):
+    def call(self, key: tuple[str, tuple[str, ...]], args: tuple[Any, ...]) -> Any:
         """Run graph ``key`` ((kind, dropout sites)) on ``args`` (the weight tuples first)."""
         # args[:2] are the weight tuples, whose shapes the signature holds
         shapes = tuple(tuple(a.shape) for a in args[2:] if hasattr(a, "shape"))
@@ -357,37 +403,81 @@ class Compiled:
             self.stats["compile_seconds"] += time.perf_counter() - started
         return out
 
+    def graph_inputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """(the net's inputs after the weight tuples and the masks, as MindSpore tensors; the batch
+        shape its dropout masks are drawn for, as the plan's ``mask_shape`` takes it)."""
+        raise NotImplementedError
 
-class CompiledClassifier(Compiled):
+    def _run(
+        self,
+        kind: str,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        labels: np.ndarray | None,
+        training: bool,
+    ) -> Any:
+        inputs, shape = self.graph_inputs(input_ids, attention_mask, labels)
+        names, masks = self.masks(training, *shape)
+        return self.call((kind, names), (*self.weights(), masks, *inputs))
+
+    def value_and_grad(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, training: bool = True
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The mean loss (over the label tokens, or the rows) and its gradients, one per trainable
+        tensor."""
+        return self._run("grad", input_ids, attention_mask, labels, training)
+
+    def loss_and_logits(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None = None
+    ) -> tuple[float | None, np.ndarray]:
+        """Evaluation: the loss (None without labels) and the logits of the real rows, numpy."""
+        raise NotImplementedError
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        """Greedy decoding (the generative architectures: T5)."""
+        raise NotImplementedError
+
+
+class CompiledClassifier(Compiled[PlanT]):
     """Sequence classifiers: the net takes (weights, masks, *inputs, labels, class weights) and
     returns (loss, logits of each row); an architecture says its ``inputs``."""
 
-    def __init__(self, plan: Plan, model, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        super().__init__(plan, dropout_rng, jit_level, stats)
-        self.model = model  # its class weights (set_class_weights) are read at each call
-        self.num_labels = base_model(model).num_labels
-
-    def inputs(self, input_ids, attention_mask) -> tuple:
+    def inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
         """numpy arrays the net takes before the labels, the padded ids first."""
         raise NotImplementedError
 
-    def _run(self, kind, input_ids, attention_mask, labels, training):
+    def graph_inputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         inputs = self.inputs(input_ids, attention_mask)
         rows = inputs[0].shape[0]
         padded_labels = np.full((rows,), -100, np.int32)
         if labels is not None:
             padded_labels[: len(labels)] = labels
         weights = getattr(self.model, "_dualtune_class_weights", None)
-        weights = np.ones(self.num_labels, np.float32) if weights is None else weights.asnumpy()
-        names, masks = self.masks(training, *inputs[0].shape)
-        tensors = (mindspore.Tensor(a) for a in (*inputs, padded_labels, weights))
-        return self.call((kind, names), (*self.weights(), masks, *tensors))
+        weights = (
+            np.ones(base_model(self.model).num_labels, np.float32) if weights is None else weights.asnumpy()
+        )
+        tensors = tuple(mindspore.Tensor(a) for a in (*inputs, padded_labels, weights))
+        return tensors, inputs[0].shape
 
-    def value_and_grad(self, input_ids, attention_mask, labels, training=True):
-        """The mean loss over the rows and its gradients, one per trainable tensor."""
-        return self._run("grad", input_ids, attention_mask, labels, training)
-
-    def loss_and_logits(self, input_ids, attention_mask, labels=None):
+    def loss_and_logits(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None = None
+    ) -> tuple[float | None, np.ndarray]:
         """Evaluation: the loss (None without labels) and the (batch, classes) logits, numpy."""
         loss, logits = self._run("forward", input_ids, attention_mask, labels, False)
         return (None if labels is None else float(loss.asnumpy())), logits.asnumpy()[: input_ids.shape[0]]
+
+
+class Architecture(Protocol):
+    """What an architecture module (``t5``, ``bert``, ``llama``) provides to the backend."""
+
+    MODEL_CLASS: str  # the transformers class it writes, by name
+    ON_BY_DEFAULT: bool  # where whole runs measured shorter with the graphs
+
+    @property
+    def COMPILED(self) -> type[Compiled[Any]]: ...
+
+    def why_not(self, model: Any) -> str | None: ...

@@ -1,12 +1,16 @@
 """BERT-style encoders for sequence classification (BertForSequenceClassification: BERT, MiniLM,
-with LoRA, BitFit or full fine-tuning) as compiled MindSpore graphs (see ``graph``): the loss with
+with LoRA, BitFit or full fine-tuning) as compiled MindSpore graphs (see ``base``): the loss with
 its gradient, and the forward (loss and logits) for evaluation and prediction."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from mindspore import ops
 
+from dualtune.backend import Tensor
 from dualtune.backends.mindspore.graphs.base import (
     FLOAT32_MIN,
     CompiledClassifier,
@@ -24,7 +28,7 @@ MODEL_CLASS = "BertForSequenceClassification"
 ON_BY_DEFAULT = False
 
 
-def why_not(model) -> str | None:
+def why_not(model: Any) -> str | None:
     """None when ``model`` (a BertForSequenceClassification) runs as compiled graphs, else why not."""
     base = base_model(model)
     config = base.config
@@ -36,7 +40,7 @@ def why_not(model) -> str | None:
 
 
 class BertPlan(Plan):
-    def __init__(self, model, trainable):
+    def __init__(self, model: Any, trainable: Sequence[Tensor]) -> None:
         super().__init__(trainable)
         base = base_model(model)
         cfg = base.config
@@ -70,14 +74,15 @@ class BertPlan(Plan):
         self.site("classifier.in", base.dropout)
         self.linear("classifier", base.classifier)
 
-    def norm(self, name, module):
+    def norm(self, name: str, module: Any) -> None:
         self.add(name, module.weight)
         self.add(name + ".bias", module.bias)
 
-    def constants(self):
+    def constants(self) -> tuple[Any, ...]:
         return (self.layers, self.heads, self.hidden, self.inner, self.eps)
 
-    def mask_shape(self, name, batch, length):
+    def mask_shape(self, name: str, *shape: int) -> tuple[int, ...]:
+        batch, length = shape
         parts = name.split(".")
         if parts[0] in ("pooler", "classifier"):
             return (batch, self.hidden)
@@ -89,33 +94,50 @@ class BertPlan(Plan):
 
 
 class BertGraph(GraphNet):
-    def __init__(self, plan: BertPlan, sites: tuple[str, ...]):
+    def __init__(self, plan: BertPlan, sites: tuple[str, ...]) -> None:
         super().__init__(plan, sites)
         self.layers, self.heads, self.hidden = plan.layers, plan.heads, plan.hidden
         self.head_dim = plan.hidden // plan.heads
         self.scale = self.head_dim**-0.5
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=plan.eps)
 
-    def norm(self, t, f, x, name):
+    def norm(self, t: Sequence[Tensor], f: Sequence[Tensor], x: Tensor, name: str) -> Tensor:
         return self.layer_norm(x, self.w(t, f, name), self.w(t, f, name + ".bias"))[0]
 
-    def heads_of(self, x, batch):
-        return ops.transpose(ops.reshape(x, (batch, -1, self.heads, self.head_dim)), (0, 2, 1, 3))
+    def heads_of(self, x: Tensor, batch: int) -> Tensor:
+        return self.split_heads(x, batch, self.heads, self.head_dim)
 
-    def layer(self, t, f, masks, h, batch, mask, i):
+    def layer(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        h: Tensor,
+        batch: int,
+        mask: Tensor,
+        i: int,
+    ) -> Tensor:
         q = self.heads_of(self.linear(t, f, masks, h, f"{i}.q"), batch)
         k = self.heads_of(self.linear(t, f, masks, h, f"{i}.k"), batch)
         v = self.heads_of(self.linear(t, f, masks, h, f"{i}.v"), batch)
-        weights = ops.softmax(self.bmm_t(q, k) * self.scale + mask, -1)
-        weights = self.drop(masks, weights, f"{i}.weights")
-        context = ops.reshape(ops.transpose(self.bmm(weights, v), (0, 2, 1, 3)), (-1, self.hidden))
+        context = self.attend(masks, q, k, v, mask, f"{i}.weights", self.scale)
         attn = self.drop(masks, self.linear(t, f, masks, context, f"{i}.ao"), f"{i}.ao.out")
         h = self.norm(t, f, attn + h, f"{i}.ao.norm")
         inner = ops.gelu(self.linear(t, f, masks, h, f"{i}.wi"), approximate="none")
         out = self.drop(masks, self.linear(t, f, masks, inner, f"{i}.wo"), f"{i}.out")
         return self.norm(t, f, out + h, f"{i}.out.norm")
 
-    def construct(self, t, f, masks, input_ids, positions, ext_mask, labels, class_weights):
+    def construct(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        input_ids: Tensor,
+        positions: Tensor,
+        ext_mask: Tensor,
+        labels: Tensor,
+        class_weights: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         batch, length = input_ids.shape
         flat = ops.reshape(input_ids, (-1,))
         h = ops.gather(self.w(t, f, "word"), flat, 0) + ops.gather(self.w(t, f, "type"), flat * 0, 0)
@@ -132,15 +154,13 @@ class BertGraph(GraphNet):
         return self.classification_loss(logits, labels, class_weights), logits
 
 
-class CompiledBert(CompiledClassifier):
+class CompiledBert(CompiledClassifier[BertPlan]):
     """The compiled graphs of one (peft) BertForSequenceClassification and the host-side inputs."""
 
+    plan_class = BertPlan
     Net = BertGraph
 
-    def __init__(self, model, trainable, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        super().__init__(BertPlan(model, trainable), model, dropout_rng, jit_level, stats)
-
-    def inputs(self, input_ids, attention_mask):
+    def inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
         """ids, position ids, the additive padding mask."""
         ids, mask = pad_batch(input_ids, attention_mask, self.plan.pad or 0)
         rows, cols = ids.shape

@@ -1,14 +1,18 @@
 """Llama-style decoders for sequence classification (LlamaForSequenceClassification, with LoRA or
-full fine-tuning) as compiled MindSpore graphs (see ``graph``): the loss with its gradient, and the
+full fine-tuning) as compiled MindSpore graphs (see ``base``): the loss with its gradient, and the
 forward (loss and logits) for evaluation and prediction. The head reads the last non-pad token of
 each row, as transformers' does; rotary tables are computed on the host from the model's own
 ``inv_freq``, in float32 as transformers computes them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from mindspore import ops
 
+from dualtune.backend import Tensor
 from dualtune.backends.mindspore.graphs.base import (
     FLOAT32_MIN,
     CompiledClassifier,
@@ -25,7 +29,7 @@ MODEL_CLASS = "LlamaForSequenceClassification"
 ON_BY_DEFAULT = False
 
 
-def why_not(model) -> str | None:
+def why_not(model: Any) -> str | None:
     """None when ``model`` (a LlamaForSequenceClassification) runs as compiled graphs, else why not."""
     base = base_model(model)
     config = base.config
@@ -37,7 +41,7 @@ def why_not(model) -> str | None:
 
 
 class LlamaPlan(Plan):
-    def __init__(self, model, trainable):
+    def __init__(self, model: Any, trainable: Sequence[Tensor]) -> None:
         super().__init__(trainable)
         base = base_model(model)
         cfg = base.config
@@ -66,13 +70,14 @@ class LlamaPlan(Plan):
         self.add("final_norm", decoder.norm.weight)
         self.linear("score", base.score)
 
-    def constants(self):
+    def constants(self) -> tuple[Any, ...]:
         return (
             (self.layers, self.heads, self.kv_heads, self.hidden, self.head_dim, self.inner, self.eps),
             (tuple(self.inv_freq.tolist()), self.rope_scale),
         )
 
-    def mask_shape(self, name, batch, length):
+    def mask_shape(self, name: str, *shape: int) -> tuple[int, ...]:
+        batch, length = shape
         parts = name.split(".")
         if parts[-1] == "weights":
             return (batch, self.heads, length, length)
@@ -92,21 +97,21 @@ class LlamaPlan(Plan):
 
 
 class LlamaGraph(GraphNet):
-    def __init__(self, plan: LlamaPlan, sites: tuple[str, ...]):
+    def __init__(self, plan: LlamaPlan, sites: tuple[str, ...]) -> None:
         super().__init__(plan, sites)
         self.layers, self.heads, self.kv_heads = plan.layers, plan.heads, plan.kv_heads
         self.hidden, self.head_dim, self.eps = plan.hidden, plan.head_dim, plan.eps
         self.scale = self.head_dim**-0.5
 
-    def heads_of(self, x, batch, heads):
-        return ops.transpose(ops.reshape(x, (batch, -1, heads, self.head_dim)), (0, 2, 1, 3))
+    def heads_of(self, x: Tensor, batch: int, heads: int) -> Tensor:
+        return self.split_heads(x, batch, heads, self.head_dim)
 
-    def rotate(self, x, cos, sin):
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         half = self.head_dim // 2
         rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
         return x * cos + rotated * sin
 
-    def repeat_kv(self, x, batch, length):
+    def repeat_kv(self, x: Tensor, batch: int, length: int) -> Tensor:
         """(batch, kv heads, length, d) -> (batch, heads, length, d), each kv head repeated in place."""
         groups = self.heads // self.kv_heads
         if groups == 1:
@@ -114,7 +119,18 @@ class LlamaGraph(GraphNet):
         x = ops.broadcast_to(ops.expand_dims(x, 2), (batch, self.kv_heads, groups, length, self.head_dim))
         return ops.reshape(x, (batch, self.heads, length, self.head_dim))
 
-    def layer(self, t, f, masks, h, batch, length, mask, rope, i):
+    def layer(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        h: Tensor,
+        batch: int,
+        length: int,
+        mask: Tensor,
+        rope: tuple[Tensor, Tensor, Tensor, Tensor],
+        i: int,
+    ) -> Tensor:
         cos_q, sin_q, cos_k, sin_k = rope
         normed = self.rms_norm(t, f, h, f"{i}.in_norm", self.eps)
         q = self.rotate(
@@ -124,18 +140,26 @@ class LlamaGraph(GraphNet):
         v = self.heads_of(self.linear(t, f, masks, normed, f"{i}.v"), batch, self.kv_heads)
         k = self.repeat_kv(self.rotate(k, cos_k, sin_k), batch, length)
         v = self.repeat_kv(v, batch, length)
-        weights = ops.softmax(self.bmm_t(q, k) * self.scale + mask, -1)
-        weights = self.drop(masks, weights, f"{i}.weights")
-        context = ops.reshape(
-            ops.transpose(self.bmm(weights, v), (0, 2, 1, 3)), (-1, self.heads * self.head_dim)
-        )
+        context = self.attend(masks, q, k, v, mask, f"{i}.weights", self.scale)
         h = h + self.linear(t, f, masks, context, f"{i}.o")
         normed = self.rms_norm(t, f, h, f"{i}.post_norm", self.eps)
         gate = ops.silu(self.linear(t, f, masks, normed, f"{i}.gate"))
         inner = gate * self.linear(t, f, masks, normed, f"{i}.up")
         return h + self.linear(t, f, masks, inner, f"{i}.down")
 
-    def construct(self, t, f, masks, input_ids, mask, cos, sin, last, labels, class_weights):
+    def construct(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        input_ids: Tensor,
+        mask: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        last: Tensor,
+        labels: Tensor,
+        class_weights: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         batch, length = input_ids.shape
         h = ops.gather(self.w(t, f, "embed"), ops.reshape(input_ids, (-1,)), 0)
         # the masks and rotary tables at their operands' own shapes once: broadcasting is slow on CPU
@@ -153,15 +177,13 @@ class LlamaGraph(GraphNet):
         return self.classification_loss(logits, labels, class_weights), logits
 
 
-class CompiledLlama(CompiledClassifier):
+class CompiledLlama(CompiledClassifier[LlamaPlan]):
     """The compiled graphs of one (peft) LlamaForSequenceClassification and the host-side inputs."""
 
+    plan_class = LlamaPlan
     Net = LlamaGraph
 
-    def __init__(self, model, trainable, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        super().__init__(LlamaPlan(model, trainable), model, dropout_rng, jit_level, stats)
-
-    def inputs(self, input_ids, attention_mask):
+    def inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, ...]:
         """ids, the additive causal and padding mask, the rotary tables, and the flat index of each
         row's last non-pad token (transformers' rule: the rightmost token that is not padding)."""
         ids, mask = pad_batch(input_ids, attention_mask, self.plan.pad)

@@ -1,18 +1,23 @@
 """T5 (with LoRA, prefix tuning, BitFit or full fine-tuning) as compiled MindSpore graphs (see
-``graph``): the loss with its gradient, the teacher-forced forward (evaluation), and one greedy
+``base``): the loss with its gradient, the teacher-forced forward (evaluation), and one greedy
 decoding step (the decoder over ``label_max_length`` positions, one graph for every step)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import mindspore
 import numpy as np
-from mindspore import nn, ops
+from mindspore import ops
 
+from dualtune.backend import Tensor
 from dualtune.backends.mindspore.compat import relative_position_bucket_np
 from dualtune.backends.mindspore.graphs.base import (
     FLOAT32_MIN,
     Compiled,
     GraphNet,
+    NetCall,
     Plan,
     adapter_why_not,
     base_model,
@@ -26,7 +31,7 @@ MODEL_CLASS = "T5ForConditionalGeneration"
 ON_BY_DEFAULT = True
 
 
-def why_not(model) -> str | None:
+def why_not(model: Any) -> str | None:
     """None when ``model`` (a T5ForConditionalGeneration) runs as compiled graphs, else why not."""
     base = base_model(model)
     config = base.config
@@ -38,7 +43,7 @@ def why_not(model) -> str | None:
 
 
 class T5Plan(Plan):
-    def __init__(self, model, trainable):
+    def __init__(self, model: Any, trainable: Sequence[Tensor]) -> None:
         super().__init__(trainable)
         base = base_model(model)
         cfg = base.config
@@ -84,7 +89,8 @@ class T5Plan(Plan):
             self.site(f"{stack_name}.final", stack.dropout)
         # Prefix tuning (peft 0.18 on an encoder-decoder): decoder layer i's self-attention gets the
         # key and value rows peft's cat-then-split assigns it (its past_key_values layout).
-        self.prefix_tokens, self.prefix_rows = 0, ()
+        self.prefix_tokens = 0
+        self.prefix_rows: tuple[tuple[int, int], ...] = ()
         if peft_type(model) == "PREFIX_TUNING":
             peft_config = model.active_peft_config
             add("prefix", model.prompt_encoder[model.active_adapter].embedding.weight)
@@ -95,13 +101,14 @@ class T5Plan(Plan):
             chunks = np.split(rows, len(rows) // (peft_config.num_transformer_submodules * 2))
             self.prefix_rows = tuple((int(c[0]), int(c[1])) for c in chunks)
 
-    def constants(self):
+    def constants(self) -> tuple[Any, ...]:
         return (
             (self.layers, self.heads, self.d_kv, self.d_model, self.eps, self.tied),
             (self.prefix_tokens, self.prefix_rows),
         )
 
-    def mask_shape(self, name, batch, source, target):
+    def mask_shape(self, name: str, *shape: int) -> tuple[int, ...]:
+        batch, source, target = shape
         parts = name.split(".")
         stack, where = parts[0], parts[-1]
         length = source if stack == "encoder" else target
@@ -132,19 +139,30 @@ class T5Plan(Plan):
 
 
 class T5Graph(GraphNet):
-    def __init__(self, plan: T5Plan, sites: tuple[str, ...]):
+    def __init__(self, plan: T5Plan, sites: tuple[str, ...]) -> None:
         super().__init__(plan, sites)
         self.layers, self.heads, self.d_kv, self.d_model = plan.layers, plan.heads, plan.d_kv, plan.d_model
         self.eps, self.tied, self.out_scale = plan.eps, plan.tied, plan.d_model**-0.5
         self.prefix_tokens, self.prefix_rows = plan.prefix_tokens, plan.prefix_rows
 
-    def norm(self, t, f, x, name):
+    def norm(self, t: Sequence[Tensor], f: Sequence[Tensor], x: Tensor, name: str) -> Tensor:
         return self.rms_norm(t, f, x, name, self.eps)
 
-    def heads_of(self, x, batch):
-        return ops.transpose(ops.reshape(x, (batch, -1, self.heads, self.d_kv)), (0, 2, 1, 3))
+    def heads_of(self, x: Tensor, batch: int) -> Tensor:
+        return self.split_heads(x, batch, self.heads, self.d_kv)
 
-    def attention(self, t, f, masks, x, kv, batch, position_bias, name, prefix_kv):
+    def attention(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        x: Tensor,
+        kv: Tensor,
+        batch: int,
+        position_bias: Tensor,
+        name: str,
+        prefix_kv: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
         """x: (batch * queries, d_model); kv: the rows keys and values come from."""
         q = self.heads_of(self.linear(t, f, masks, x, name + ".q"), batch)
         k = self.heads_of(self.linear(t, f, masks, kv, name + ".k"), batch)
@@ -152,20 +170,30 @@ class T5Graph(GraphNet):
         if prefix_kv is not None:
             k = ops.concat((prefix_kv[0], k), 2)
             v = ops.concat((prefix_kv[1], v), 2)
-        scores = self.bmm_t(q, k) + position_bias
-        weights = ops.softmax(scores, -1)
-        weights = self.drop(masks, weights, name + ".weights")
-        out = ops.reshape(ops.transpose(self.bmm(weights, v), (0, 2, 1, 3)), (-1, self.heads * self.d_kv))
+        out = self.attend(masks, q, k, v, position_bias, name + ".weights")
         return self.linear(t, f, masks, out, name + ".o")
 
-    def relative_bias(self, t, f, name, buckets):
+    def relative_bias(self, t: Sequence[Tensor], f: Sequence[Tensor], name: str, buckets: Tensor) -> Tensor:
         """(1, heads, queries, keys) from the bucket table and host-computed buckets."""
         table = self.w(t, f, name)
         values = ops.gather(table, ops.reshape(buckets, (-1,)), 0)
         values = ops.reshape(values, (buckets.shape[0], buckets.shape[1], self.heads))
         return ops.expand_dims(ops.transpose(values, (2, 0, 1)), 0)
 
-    def block(self, t, f, masks, h, batch, stack, i, self_bias, enc=None, cross_bias=None, prefix_kv=None):
+    def block(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        h: Tensor,
+        batch: int,
+        stack: str,
+        i: int,
+        self_bias: Tensor,
+        enc: Tensor | None = None,
+        cross_bias: Tensor | None = None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         name = f"{stack}.{i}"
         normed = self.norm(t, f, h, name + ".self.norm")
         attn = self.attention(t, f, masks, normed, normed, batch, self_bias, name + ".self", prefix_kv)
@@ -180,7 +208,15 @@ class T5Graph(GraphNet):
         h = h + self.drop(masks, self.linear(t, f, masks, inner, name + ".ff.wo"), name + ".ff.out")
         return h
 
-    def encode(self, t, f, masks, input_ids, enc_mask, enc_buckets):
+    def encode(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        input_ids: Tensor,
+        enc_mask: Tensor,
+        enc_buckets: Tensor,
+    ) -> Tensor:
         batch = input_ids.shape[0]
         h = ops.gather(self.w(t, f, "shared"), ops.reshape(input_ids, (-1,)), 0)
         h = self.drop(masks, h, "encoder.embed")
@@ -190,7 +226,18 @@ class T5Graph(GraphNet):
         h = self.norm(t, f, h, "encoder.final_norm")
         return self.drop(masks, h, "encoder.final")
 
-    def decode(self, t, f, masks, enc, enc_mask, dec_ids, dec_buckets, causal, position=None):
+    def decode(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        enc: Tensor,
+        enc_mask: Tensor,
+        dec_ids: Tensor,
+        dec_buckets: Tensor,
+        causal: Tensor,
+        position: Tensor | None = None,
+    ) -> Tensor:
         """Logits of every decoder position, or of one (``position``, a scalar tensor) when generating."""
         batch = dec_ids.shape[0]
         h = ops.gather(self.w(t, f, "shared"), ops.reshape(dec_ids, (-1,)), 0)
@@ -209,7 +256,9 @@ class T5Graph(GraphNet):
             return self.matmul_t(h * self.out_scale, self.w(t, f, "shared"))
         return self.matmul_t(h, self.w(t, f, "lm_head"))
 
-    def prefix_kv(self, t, f, batch, i):
+    def prefix_kv(
+        self, t: Sequence[Tensor], f: Sequence[Tensor], batch: int, i: int
+    ) -> tuple[Tensor, Tensor]:
         table = ops.reshape(self.w(t, f, "prefix"), (self.prefix_tokens, -1, self.heads, self.d_kv))
         key_row, value_row = self.prefix_rows[i]
         key = ops.expand_dims(ops.transpose(table[:, key_row], (1, 0, 2)), 0)
@@ -217,7 +266,19 @@ class T5Graph(GraphNet):
         shape = (batch, self.heads, self.prefix_tokens, self.d_kv)
         return ops.broadcast_to(key, shape), ops.broadcast_to(value, shape)
 
-    def construct(self, t, f, masks, input_ids, enc_mask, enc_buckets, dec_ids, dec_buckets, causal, labels):
+    def construct(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        masks: Sequence[Tensor],
+        input_ids: Tensor,
+        enc_mask: Tensor,
+        enc_buckets: Tensor,
+        dec_ids: Tensor,
+        dec_buckets: Tensor,
+        causal: Tensor,
+        labels: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         enc = self.encode(t, f, masks, input_ids, enc_mask, enc_buckets)
         logits = self.decode(t, f, masks, enc, enc_mask, dec_ids, dec_buckets, causal)
         flat = ops.reshape(labels, (-1,))
@@ -227,39 +288,58 @@ class T5Graph(GraphNet):
         return loss, logits
 
 
-class Encoder(nn.Cell):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, t, f, input_ids, enc_mask, enc_buckets):
+class Encoder(NetCall):
+    def construct(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        input_ids: Tensor,
+        enc_mask: Tensor,
+        enc_buckets: Tensor,
+    ) -> Tensor:
         return self.net.encode(t, f, (), input_ids, enc_mask, enc_buckets)
 
 
-class NextToken(nn.Cell):
+class NextToken(NetCall):
     """Greedy decoding's step: the most likely token at ``position`` of every row."""
 
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, t, f, enc, enc_mask, dec_ids, dec_buckets, causal, position):
+    def construct(
+        self,
+        t: Sequence[Tensor],
+        f: Sequence[Tensor],
+        enc: Tensor,
+        enc_mask: Tensor,
+        dec_ids: Tensor,
+        dec_buckets: Tensor,
+        causal: Tensor,
+        position: Tensor,
+    ) -> Tensor:
         logits = self.net.decode(t, f, (), enc, enc_mask, dec_ids, dec_buckets, causal, position)
         return ops.argmax(logits, -1)
 
 
-class CompiledT5(Compiled):
+class CompiledT5(Compiled[T5Plan]):
     """The compiled graphs of one peft T5 model and the host-side inputs they take."""
 
+    plan_class = T5Plan
     Net = T5Graph
     cells = {"encode": Encoder, "next": NextToken}
     needs_labels = True  # the teacher-forced forward; prediction generates
 
-    def __init__(self, model, trainable, dropout_rng, jit_level: str = "O0", stats: dict | None = None):
-        super().__init__(T5Plan(model, trainable), dropout_rng, jit_level, stats)
-        self._buckets: dict = {}
+    def __init__(
+        self,
+        model: Any,
+        trainable: Sequence[Tensor],
+        dropout_rng: Any,
+        jit_level: str = "O0",
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, trainable, dropout_rng, jit_level, stats)
+        self._buckets: dict[tuple[int, int, bool], tuple[Tensor, Tensor, Tensor]] = {}
 
-    def host_inputs(self, input_ids, attention_mask, labels):
+    def host_inputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """numpy batch -> padded graph inputs: source length and rows rounded up to their buckets.
         Exact: padded tokens are masked out of attention, padded rows' labels are all ignored
         (-100), so they add nothing to the loss, the gradients or a real row's outputs."""
@@ -275,7 +355,9 @@ class CompiledT5(Compiled):
         enc_mask = ((1.0 - mask) * FLOAT32_MIN)[:, None, None, :].astype(np.float32)
         return ids, enc_mask, dec, lab
 
-    def shape_inputs(self, source: int, target: int, generating: bool = False):
+    def shape_inputs(
+        self, source: int, target: int, generating: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Position buckets and the causal mask for a shape. Decoder query i sits at position
         p + i (p prefix tokens) and sees keys 0 .. p + i, except in generation: there peft hands the
         prefix to ``generate`` as a filled cache, while transformers counts cache positions from 0,
@@ -293,14 +375,14 @@ class CompiledT5(Compiled):
             self._buckets[key] = tuple(mindspore.Tensor(a) for a in (enc, dec, causal))
         return self._buckets[key]
 
-    def _run(self, kind, input_ids, attention_mask, labels, training):
+    def graph_inputs(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        assert labels is not None  # teacher-forced: loss_and_logits and value_and_grad take labels
         ids, enc_mask, dec, lab = self.host_inputs(input_ids, attention_mask, labels)
         batch, source = ids.shape
-        names, masks = self.masks(training, batch, source, lab.shape[1])
         enc_buckets, dec_buckets, causal = self.shape_inputs(source, lab.shape[1])
-        args = (
-            *self.weights(),
-            masks,
+        inputs = (
             mindspore.Tensor(ids),
             mindspore.Tensor(enc_mask),
             enc_buckets,
@@ -309,19 +391,19 @@ class CompiledT5(Compiled):
             causal,
             mindspore.Tensor(lab),
         )
-        return self.call((kind, names), args)
+        return inputs, (batch, source, lab.shape[1])
 
-    def value_and_grad(self, input_ids, attention_mask, labels, training=True):
-        """The mean loss over the labels and its gradients, one per trainable tensor."""
-        return self._run("grad", input_ids, attention_mask, labels, training)
-
-    def loss_and_logits(self, input_ids, attention_mask, labels):
+    def loss_and_logits(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray | None = None
+    ) -> tuple[float | None, np.ndarray]:
         """Teacher-forced evaluation: the loss and (batch, label tokens, vocab) logits, numpy."""
+        if labels is None:  # needs_labels: the backend runs evaluation without labels op by op
+            raise ValueError("T5's compiled forward is teacher-forced: it needs labels")
         loss, logits = self._run("forward", input_ids, attention_mask, labels, False)
         batch, target = labels.shape
         return float(loss.asnumpy()), logits.asnumpy().reshape(-1, target, logits.shape[-1])[:batch]
 
-    def generate(self, input_ids, attention_mask, max_new_tokens: int) -> np.ndarray:
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """Greedy decoding as transformers' ``generate`` does it (decoder start token first, pad
         after a row's end token, stop when every row has ended or after ``max_new_tokens``), with
         the decoder run over a fixed ``max_new_tokens`` positions (causal: later ones do not reach
