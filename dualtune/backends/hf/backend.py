@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch  # PyTorch or mindtorch: see the module docstring
@@ -19,7 +21,7 @@ import transformers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from dualtune.backend import Backend, BackendError
+from dualtune.backend import Backend, BackendError, Batch, Tensor
 from dualtune.backends.hf.methods import (
     BITFIT_CONFIG,
     BITFIT_WEIGHTS,
@@ -47,7 +49,7 @@ class HFBackend(Backend):
         self.device = device
 
     # -- tensors
-    def all_reduce_sum(self, tensors, scalars):
+    def all_reduce_sum(self, tensors: list[Tensor], scalars: list[float]) -> tuple[list[Tensor], list[float]]:
         if self.world()[1] == 1:
             return tensors, scalars
         # One collective for the step: every gradient and the scalars in one flat float32 buffer.
@@ -62,20 +64,20 @@ class HFBackend(Backend):
             start += t.numel()
         return out, [float(x) for x in self.to_numpy(summed[start:])]
 
-    def all_reduce_flat(self, flat):
+    def all_reduce_flat(self, flat: Tensor) -> Tensor:
         """The element-wise sum of ``flat`` (one float32 vector) over every process: the stack's
         collective (only called with more than one process)."""
         raise NotImplementedError
 
-    def to_numpy(self, tensor) -> np.ndarray:
+    def to_numpy(self, tensor: Tensor) -> np.ndarray:
         return tensor.detach().cpu().numpy()
 
     @property
-    def torch_device(self):
+    def torch_device(self) -> Any:
         return "cpu"
 
     # -- model
-    def load_tokenizer(self, model_spec):
+    def load_tokenizer(self, model_spec: Any) -> Any:
         path = resolve_model_path(model_spec.name_or_path)
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -90,7 +92,7 @@ class HFBackend(Backend):
             tok.pad_token = tok.eos_token
         return tok
 
-    def load_model(self, model_spec, label_names, tokenizer):
+    def load_model(self, model_spec: Any, label_names: Sequence[str], tokenizer: Any) -> Any:
         path = resolve_model_path(model_spec.name_or_path)
         try:
             if model_spec.task == "seq2seq":
@@ -108,7 +110,7 @@ class HFBackend(Backend):
             model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(self.torch_device)
 
-    def apply_peft(self, model, peft_spec, task, seed):
+    def apply_peft(self, model: Any, peft_spec: Any, task: str, seed: int) -> Any:
         self.seed(seed)  # adapter initialisation is seeded
         method = peft_spec.method
         if method in PEFT_LIBRARY_METHODS:
@@ -131,16 +133,16 @@ class HFBackend(Backend):
             model.to(self.torch_device)
         return model
 
-    def trainable_parameters(self, model):
+    def trainable_parameters(self, model: Any) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def parameter_count(self, model) -> int:
+    def parameter_count(self, model: Any) -> int:
         return sum(p.numel() for p in model.parameters())
 
-    def set_training(self, model, training: bool) -> None:
+    def set_training(self, model: Any, training: bool) -> None:
         model.train(training)
 
-    def enable_gradient_checkpointing(self, model) -> None:
+    def enable_gradient_checkpointing(self, model: Any) -> None:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise BackendError(
                 f"train.gradient_checkpointing: transformers cannot checkpoint {type(model).__name__}"
@@ -151,14 +153,14 @@ class HFBackend(Backend):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- the loss
-    def set_class_weights(self, model, weights) -> None:
+    def set_class_weights(self, model: Any, weights: np.ndarray | None) -> None:
         model._dualtune_class_weights = (
             None
             if weights is None
             else torch.tensor(np.asarray(weights, dtype=np.float32), device=self.torch_device)
         )
 
-    def _forward(self, model, batch):
+    def _forward(self, model: Any, batch: Batch) -> Any:
         weights = getattr(model, "_dualtune_class_weights", None)
         if weights is None or "labels" not in batch:
             return model(**batch)
@@ -169,14 +171,14 @@ class HFBackend(Backend):
 
     # -- evaluation
 
-    def eval_batch(self, model, batch):
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[float | None, np.ndarray]:
         with torch.no_grad():
             out = self._forward(model, batch)
         # No labels (prediction on new text): logits only.
         loss = self.to_float(out.loss) if "labels" in batch else None
         return loss, self.to_numpy(out.logits)
 
-    def generate(self, model, batch, max_new_tokens):
+    def generate(self, model: Any, batch: Batch, max_new_tokens: int) -> np.ndarray:
         with torch.no_grad():
             out = model.generate(
                 input_ids=batch["input_ids"],
@@ -188,7 +190,7 @@ class HFBackend(Backend):
         return self.to_numpy(out)
 
     # -- saving and loading
-    def save(self, model, directory, peft_spec, exact: bool = False):
+    def save(self, model: Any, directory: Path | str, peft_spec: Any, exact: bool = False) -> None:
         directory = Path(directory)
         if exact:
             directory.mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ class HFBackend(Backend):
         else:
             model.save_pretrained(directory)
 
-    def load_weights(self, model, directory, peft_spec) -> None:
+    def load_weights(self, model: Any, directory: Path | str, peft_spec: Any) -> None:
         """Overwrite ``model``'s adapter (or, for full fine-tuning, all) weights with those saved by
         ``save`` in ``directory``. The model must already carry the method (``apply_peft``)."""
         directory = Path(directory)
@@ -221,7 +223,8 @@ class HFBackend(Backend):
             from peft import set_peft_model_state_dict
 
             # Not PeftModel.from_pretrained(is_trainable=True): peft refuses that for prefix tuning.
-            result = set_peft_model_state_dict(
+            # peft annotates it -> None, yet it returns load_state_dict's result
+            result = set_peft_model_state_dict(  # type: ignore[func-returns-value]
                 model, {k: torch.tensor(v, device=self.torch_device) for k, v in saved.items()}
             )
             # peft loads prompt_embeddings itself, then still lists the key as unexpected.
@@ -238,7 +241,14 @@ class HFBackend(Backend):
             for name, value in saved.items():
                 params[name].copy_(torch.tensor(value, device=params[name].device))
 
-    def load_trained(self, model_spec, label_names, tokenizer, peft_spec, directory):
+    def load_trained(
+        self,
+        model_spec: Any,
+        label_names: Sequence[str],
+        tokenizer: Any,
+        peft_spec: Any,
+        directory: Path | str,
+    ) -> Any:
         directory = str(directory)
         if peft_spec.method == "none":
             spec = model_spec.model_copy(update={"name_or_path": directory})
@@ -259,10 +269,10 @@ class HFBackend(Backend):
         self.load_weights(model, directory, peft_spec)
         return model.to(self.torch_device)
 
-    def trainable_state(self, model) -> dict[str, np.ndarray]:
+    def trainable_state(self, model: Any) -> dict[str, np.ndarray]:
         return {n: self.to_numpy(p).copy() for n, p in self.trainable_parameters(model)}
 
-    def assign_trainable(self, model, state: dict[str, np.ndarray]) -> None:
+    def assign_trainable(self, model: Any, state: dict[str, np.ndarray]) -> None:
         params = dict(self.trainable_parameters(model))
         if set(state) != set(params):
             odd = sorted(set(state) ^ set(params))
@@ -271,7 +281,7 @@ class HFBackend(Backend):
             for name, value in state.items():
                 params[name].copy_(torch.tensor(value, device=params[name].device))
 
-    def disable_dropout(self, model) -> int:
+    def disable_dropout(self, model: Any) -> int:
         """Set every dropout probability to 0: Dropout modules, and the float attributes attention
         layers pass to functional dropout (T5Attention.dropout, BERT's dropout_prob, ...)."""
         count = 0
@@ -285,12 +295,13 @@ class HFBackend(Backend):
                     count += 1
         return count
 
-    def activations(self, model, batch) -> dict[str, np.ndarray]:
+    def activations(self, model: Any, batch: Batch) -> dict[str, np.ndarray]:
         """Every module's output (the first tensor of it) on ``batch``, in eval mode."""
-        outputs, handles = {}, []
+        outputs: dict[str, np.ndarray] = {}
+        handles = []
 
-        def hook(name):
-            def record(module, args, out):
+        def hook(name: str) -> Callable[[Any, Any, Any], None]:
+            def record(module: Any, args: Any, out: Any) -> None:
                 t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     outputs[name] = self.to_numpy(t).copy()
@@ -309,7 +320,7 @@ class HFBackend(Backend):
         return outputs
 
     # -- tiny models for tests and smoke runs
-    def save_tiny_model(self, kind, directory, vocab_texts, seed=0):
+    def save_tiny_model(self, kind: str, directory: Path, vocab_texts: Sequence[str], seed: int = 0) -> None:
         from dualtune.backends.hf.tiny import write_tiny_model
 
         self.seed(seed)

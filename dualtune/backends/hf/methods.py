@@ -20,13 +20,13 @@ BITFIT_CONFIG = "adapter_config.json"
 BITFIT_WEIGHTS = "adapter_model.safetensors"
 
 
-def _task_type(task: str):
+def _task_type(task: str) -> Any:
     from peft import TaskType
 
     return TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.SEQ_CLS
 
 
-def peft_config(peft_spec, task: str, model_path: str | None = None):
+def peft_config(peft_spec: Any, task: str, model_path: str | None = None) -> Any:
     """The peft config object for a method peft implements (PEFT_LIBRARY_METHODS)."""
     import peft
 
@@ -80,9 +80,9 @@ def peft_config(peft_spec, task: str, model_path: str | None = None):
     raise ValueError(f"{method} is not a peft method")
 
 
-def add_zero_biases(model, suffixes: Sequence[str]) -> list[str]:
+def add_zero_biases(model: Any, suffixes: Sequence[str]) -> list[str]:
     """Give bias-free Linear layers whose name ends with one of ``suffixes`` a zero bias (BitFit on T5)."""
-    added = []
+    added: list[str] = []
     for name, module in model.named_modules():
         if (
             isinstance(module, torch.nn.Linear)

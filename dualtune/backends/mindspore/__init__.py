@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from dualtune.backend import BackendError
+from dualtune.backend import Backend, BackendError
 from dualtune.backends.hf import torch_flavour
 
 log = logging.getLogger("dualtune")
@@ -106,7 +106,7 @@ def activate(device: str) -> None:
         log.info("mindspore CPU settings: %s", ", ".join(settings))
 
 
-def create(device: str = "cpu"):
+def create(device: str = "cpu") -> Backend:
     graphs = os.environ.get("DUALTUNE_MINDSPORE_GRAPH")
     if graphs not in (None, "0", "1"):  # "false" would otherwise turn every graph on
         raise BackendError(

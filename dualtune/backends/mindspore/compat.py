@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mindspore
 import numpy as np
+
+from dualtune.backend import Tensor
 
 # Attention classes that share T5's bucket function (each model file has its own copy).
 BUCKET_USERS = [
@@ -51,7 +54,9 @@ def relative_position_bucket_np(
     return buckets + np.where(rp < max_exact, rp, large)
 
 
-def _bucket_float64(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+def _bucket_float64(
+    relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> Tensor:
     import torch  # mindtorch here
 
     out = relative_position_bucket_np(
@@ -60,7 +65,7 @@ def _bucket_float64(relative_position, bidirectional=True, num_buckets=32, max_d
     return torch.tensor(out, dtype=torch.long, device=relative_position.device)
 
 
-def model_classes(names: list[tuple[str, str]]):
+def model_classes(names: list[tuple[str, str]]) -> Iterator[Any]:
     """The (module, class) pairs that this transformers version has, as classes."""
     for module_name, cls_name in names:
         try:
@@ -75,21 +80,23 @@ class RecomputedCall(mindspore.nn.Cell):
     gradient, keeping only the inputs) and again in the backward pass, where the second run replays
     the dropout masks of the first (``rng``: get_state / set_state, the backend's dropout generator)."""
 
-    def __init__(self, function, params: list, devices: list, rng: Any):
+    def __init__(
+        self, function: Callable[..., Any], params: list[Tensor], devices: list[Any], rng: Any
+    ) -> None:
         super().__init__(auto_prefix=False)
         # Plain attributes: a Cell would otherwise try to adopt the (mindtorch) tensors as its own.
-        vars(self).update(function=function, layer_params=params, devices=devices, rng=rng, rng_state=None)
+        self.__dict__.update(function=function, layer_params=params, devices=devices, rng=rng, rng_state=None)
 
-    def trainable_params(self, recurse=True):
+    def trainable_params(self, recurse: bool = True) -> list[Tensor]:
         return list(self.layer_params)
 
-    def construct(self, *args):
+    def construct(self, *args: Tensor) -> Any:
         # MindSpore replays detached copies of the inputs, bare tensors: give them mindtorch's device back.
         for arg, device in zip(args, self.devices):
             if device is not None and not hasattr(arg, "_device"):
                 arg._device = device
         if self.rng_state is None:  # the forward pass
-            vars(self)["rng_state"] = self.rng.get_state()
+            self.__dict__["rng_state"] = self.rng.get_state()
             return self.function(*args)
         after = self.rng.get_state()
         self.rng.set_state(self.rng_state)
@@ -99,12 +106,12 @@ class RecomputedCall(mindspore.nn.Cell):
             self.rng.set_state(after)
 
 
-def recompute_checkpoint(layer, rng):
+def recompute_checkpoint(layer: Any, rng: Any) -> Callable[..., Any]:
     """A ``_gradient_checkpointing_func`` for ``layer`` (transformers calls it with the layer's call
     and its positional inputs) that runs the call under ``mindspore.recompute``."""
     import torch  # mindtorch here
 
-    def checkpoint(function, *args):
+    def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
         if not torch.is_grad_enabled():  # a frozen encoder's pass (step.encoder_outputs)
             return function(*args)
         params = [p for p in layer.parameters() if p.requires_grad]  # peft adds its layers after this is set
@@ -113,13 +120,14 @@ def recompute_checkpoint(layer, rng):
         device = next(d for d in devices if d is not None)
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor) and not hasattr(tensor, "_device"):
-                tensor._device = device
+                # mindtorch's Tensor has _device; mypy reads PyTorch's stubs for torch
+                tensor._device = device  # type: ignore[attr-defined]
         return out
 
     return checkpoint
 
 
-def recompute_checkpointed_layers(model, rng) -> int:
+def recompute_checkpointed_layers(model: Any, rng: Any) -> int:
     """Route every layer transformers checkpoints through MindSpore's recompute; returns how many."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     for layer in layers:

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cpu_threads() -> int:
@@ -37,6 +41,13 @@ def cpu_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def marked(function: F, mark: str) -> F:
+    """``function`` with the attribute ``mark`` set: how a patch knows its replacement is already
+    installed (a second patch would wrap the replacement in itself)."""
+    setattr(function, mark, True)
+    return function
 
 
 def synchronous_launch() -> str:
@@ -69,7 +80,7 @@ def patch_linear() -> str:
         return "linear as MatMul"
     dense = cpu.dense
 
-    def dense_as_matmul(input, weight, bias=None):
+    def dense_as_matmul(input: Any, weight: Any, bias: Any = None) -> Any:
         if input.ndim < 2:
             return dense(input, weight, bias)
         shape = input.shape
@@ -79,8 +90,7 @@ def patch_linear() -> str:
             out = legacy.add(out, bias)
         return legacy.reshape(out, (*shape[:-1], out.shape[-1])) if input.ndim > 2 else out
 
-    dense_as_matmul.dualtune_matmul = True
-    cpu.dense = dense_as_matmul
+    cpu.dense = marked(dense_as_matmul, "dualtune_matmul")
     return "linear as MatMul"
 
 
@@ -110,9 +120,9 @@ def patch_rms_norms() -> str:
     return "RMS norms without broadcasts (" + ", ".join(patched) + ")"
 
 
-def _rms_norm_by_rows(model_forward, torch):
+def _rms_norm_by_rows(model_forward: Callable[[Any, Any], Any], torch: Any) -> Callable[[Any, Any], Any]:
     @functools.lru_cache(maxsize=64)
-    def constants(rows, width, device):
+    def constants(rows: int, width: int, device: Any) -> tuple[Any, Any, Any]:
         # made once per shape: three small allocations per norm were ~1 ms of every call
         return (
             torch.full((width, 1), 1.0 / width, device=device),
@@ -120,7 +130,7 @@ def _rms_norm_by_rows(model_forward, torch):
             torch.ones(rows, 1, device=device),
         )
 
-    def forward(self, hidden_states):
+    def forward(self: Any, hidden_states: Any) -> Any:
         if (
             hidden_states.dtype != torch.float32
             or self.weight.dtype != torch.float32
@@ -135,8 +145,7 @@ def _rms_norm_by_rows(model_forward, torch):
         weight = torch.matmul(ones_column, self.weight.reshape(1, width))
         return (weight * (rows * scale)).reshape(shape)
 
-    forward.dualtune_rows = True
-    return forward
+    return marked(forward, "dualtune_rows")
 
 
 def patch_transposes() -> str:
@@ -158,15 +167,15 @@ def patch_transposes() -> str:
         return done
     view_transpose, view_permute, matmul = cpu.transpose_view, cpu.permute, cpu.matmul
 
-    def transpose_view(input, dim0, dim1):
+    def transpose_view(input: Any, dim0: int, dim1: int) -> Any:
         perm = list(range(input.ndim))
         perm[dim0], perm[dim1] = perm[dim1], perm[dim0]
         return _permuted(input, tuple(perm), lambda: view_transpose(input, dim0, dim1))
 
-    def permute(input, dims):
+    def permute(input: Any, dims: Any) -> Any:
         return _permuted(input, tuple(d % input.ndim for d in dims), lambda: view_permute(input, dims))
 
-    def matmul_of_transposed(self, other):
+    def matmul_of_transposed(self: Any, other: Any) -> Any:
         source = getattr(other, "dualtune_transpose_of", None)
         if source is not None and self.ndim == other.ndim:
             if self.ndim == 2:
@@ -174,12 +183,12 @@ def patch_transposes() -> str:
             return legacy.batch_mat_mul(self, source, False, True)
         return matmul(self, other)
 
-    transpose_view.dualtune_rows = True
-    cpu.transpose_view, cpu.permute, cpu.matmul = transpose_view, permute, matmul_of_transposed
+    cpu.transpose_view = marked(transpose_view, "dualtune_rows")
+    cpu.permute, cpu.matmul = permute, matmul_of_transposed
     return done
 
 
-def _permuted(input, perm, as_view):
+def _permuted(input: Any, perm: tuple[int, ...], as_view: Callable[[], Any]) -> Any:
     ndim = input.ndim
     if perm == tuple(range(ndim)) or input.numel() == 0 or not input.is_contiguous():
         return as_view()
@@ -193,7 +202,7 @@ def _permuted(input, perm, as_view):
 
 
 @functools.cache
-def _row_gather():
+def _row_gather() -> Callable[[Any, tuple[int, ...]], Any]:
     """A mindspore custom autograd function: rows gathered forward, gathered back for the gradient.
     Built on first use: its base class exists only once MindSpore is imported."""
     import mindspore
@@ -201,23 +210,23 @@ def _row_gather():
     from mindtorch._op_prim.cpu import legacy
 
     @functools.lru_cache(maxsize=512)
-    def indices(shape, perm):
+    def indices(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[Any, Any]:
         rows = np.arange(int(np.prod(shape[:-1]))).reshape(shape[:-1]).transpose(perm[:-1]).reshape(-1)
         return mindspore.Tensor(rows.astype(np.int32)), mindspore.Tensor(np.argsort(rows).astype(np.int32))
 
     class RowGather(mindspore._Function):
         @staticmethod
-        def forward(ctx, input, rows, inverse, out_shape):
+        def forward(ctx: Any, input: Any, rows: Any, inverse: Any, out_shape: tuple[int, ...]) -> Any:
             ctx.inverse, ctx.in_shape = inverse, input.shape
             flat = legacy.reshape(input, (-1, input.shape[-1]))
             return legacy.reshape(legacy.gather(flat, rows, 0, 0), out_shape)
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None]:
             flat = legacy.reshape(grad, (-1, grad.shape[-1]))
             return legacy.reshape(legacy.gather(flat, ctx.inverse, 0, 0), ctx.in_shape), None, None, None
 
-    def apply(input, perm):
+    def apply(input: Any, perm: tuple[int, ...]) -> Any:
         shape = tuple(input.shape)
         rows, inverse = indices(shape, perm)
         return RowGather.apply(input, rows, inverse, tuple(shape[d] for d in perm))

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import random
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import mindspore
 import mindtorch.nn.functional as mindtorch_functional
@@ -22,12 +24,13 @@ import torch  # mindtorch here
 from mindspore import communication, ops
 from mindtorch.autograd import value_and_grad
 
+from dualtune.backend import Batch, Tensor
 from dualtune.backends.hf.backend import HFBackend
 from dualtune.backends.mindspore import DEVICES, compat, cpu_speed
 from dualtune.backends.mindspore.graphs import bert as bert_graph
 from dualtune.backends.mindspore.graphs import llama as llama_graph
 from dualtune.backends.mindspore.graphs import t5 as t5_graph
-from dualtune.backends.mindspore.graphs.base import base_model
+from dualtune.backends.mindspore.graphs.base import Architecture, Compiled, base_model
 
 log = logging.getLogger("dualtune")
 
@@ -36,7 +39,20 @@ log = logging.getLogger("dualtune")
 JIT_LEVELS = {"cpu": "O0", "ascend": "O1", "gpu": "O0"}
 
 
-def adamw_flat(p, g, m, v, decay, beta1, beta2, one_minus_beta1, one_minus_beta2, bc2_sqrt, eps, step_size):
+def adamw_flat(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    one_minus_beta1: Tensor,
+    one_minus_beta2: Tensor,
+    bc2_sqrt: Tensor,
+    eps: Tensor,
+    step_size: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """torch.optim.AdamW's arithmetic (``dualtune.optim.adamw_reference``) on one vector of every
     trainable value: (new values, new first and second moments). Compiled per device (``jit``)."""
     p = p * decay
@@ -46,19 +62,19 @@ def adamw_flat(p, g, m, v, decay, beta1, beta2, one_minus_beta1, one_minus_beta2
     return p - m / denom * step_size, m, v
 
 
-def sizes(tensors) -> list[int]:
+def sizes(tensors: Sequence[Tensor]) -> list[int]:
     """How many values each tensor holds."""
     return [int(np.prod(tuple(t.shape))) for t in tensors]
 
 
-def flat(tensors):
+def flat(tensors: Sequence[Tensor]) -> Tensor:
     """Every value of ``tensors``, in order, as one vector (a copy)."""
     if not tensors:
         return mindspore.Tensor(np.zeros(0, np.float32))
     return ops.concat([ops.reshape(t, (-1,)) for t in tensors])
 
 
-def frozen_encoder(model, params):
+def frozen_encoder(model: Any, params: Sequence[Tensor]) -> Any:
     """An encoder-decoder's encoder when no trainable parameter is in it or feeds it, else None.
 
     Prefix tuning feeds the decoder only (``past_key_values``); prompt tuning and p-tuning feed the
@@ -67,14 +83,17 @@ def frozen_encoder(model, params):
     if get_encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
     peft_config = getattr(model, "active_peft_config", None)
-    if getattr(peft_config, "is_prompt_learning", False) and peft_config.peft_type != "PREFIX_TUNING":
+    if (
+        getattr(peft_config, "is_prompt_learning", False)
+        and getattr(peft_config, "peft_type", None) != "PREFIX_TUNING"
+    ):
         return None
     encoder = get_encoder()
     trainable = {id(p) for p in params}
     return None if any(id(p) in trainable for p in encoder.parameters()) else encoder
 
 
-def encoder_outputs(encoder, input_ids, attention_mask) -> tuple:
+def encoder_outputs(encoder: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor]:
     """A frozen encoder's hidden states, computed outside the gradient recording: MindSpore
     differentiates every op it records, needed or not (torch skips ops that need no gradient)."""
     with torch.no_grad():
@@ -93,18 +112,18 @@ class DropoutRNG:
     (seed, offset) from its default generator's ``_step``, which under MindSpore 2.7 never advances
     (measured on CPU: the offset stays 0), so it could not vary the masks either."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seed, self.calls = 0, 0
 
     def manual_seed(self, seed: int) -> None:
         self.seed, self.calls = int(seed), 0
 
-    def keep_scale(self, shape: tuple, p: float) -> np.ndarray:
+    def keep_scale(self, shape: tuple[int, ...], p: float) -> np.ndarray:
         """The next mask, already scaled: 0 with probability ``p``, else 1 / (1 - p) (float32)."""
         self.calls += 1
         return self._mask(self.calls - 1, shape, p)
 
-    def keep_scales(self, sites: list[tuple[tuple, float]]) -> list[np.ndarray]:
+    def keep_scales(self, sites: list[tuple[tuple[int, ...], float]]) -> list[np.ndarray]:
         """The next ``len(sites)`` masks, one per (shape, p): ``keep_scale``'s bytes, drawn on as
         many threads as the kernels use (numpy draws without the GIL). A compiled step takes 5-15 M
         mask values on t5-small: 144 ms on one thread, 49 ms on two (measured)."""
@@ -113,7 +132,7 @@ class DropoutRNG:
         calls = range(first, first + len(sites))
         return list(mask_threads().map(self._mask, calls, *zip(*sites))) if sites else []
 
-    def _mask(self, call: int, shape: tuple, p: float) -> np.ndarray:
+    def _mask(self, call: int, shape: tuple[int, ...], p: float) -> np.ndarray:
         rng = np.random.default_rng([self.seed, call])
         keep = rng.random(shape, dtype=np.float32) >= p
         return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p) if p < 1 else 0.0)
@@ -121,7 +140,7 @@ class DropoutRNG:
     def get_state(self) -> np.ndarray:
         return np.array([self.seed, self.calls], dtype=np.uint64)
 
-    def set_state(self, state) -> None:
+    def set_state(self, state: np.ndarray) -> None:
         self.seed, self.calls = (int(v) for v in np.asarray(state, dtype=np.uint64))
 
 
@@ -133,7 +152,7 @@ def mask_threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(cpu_speed.cpu_threads(), thread_name_prefix="dualtune-dropout")
 
 
-def seeded_dropout(input, p=0.5, training=True, inplace=False):
+def seeded_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """``torch.nn.functional.dropout`` with its masks from ``DROPOUT_RNG`` (drawn on the host and
     multiplied in, so the gradient is the same mask)."""
     if not training or p == 0:
@@ -147,9 +166,6 @@ def seeded_dropout(input, p=0.5, training=True, inplace=False):
     return out
 
 
-seeded_dropout.dualtune_seeded = True
-
-
 def install_seeded_dropout() -> None:
     """Route mindtorch's dropout through ``seeded_dropout``. The patch goes on mindtorch's own module:
     ``torch.nn.functional`` is a proxy that forwards reads to it but keeps writes to itself.
@@ -157,10 +173,10 @@ def install_seeded_dropout() -> None:
     ``scaled_dot_product_attention`` look ``dropout`` up there at call time, transformers through
     the proxy; nothing imports the name itself."""
     if not getattr(mindtorch_functional.dropout, "dualtune_seeded", False):
-        mindtorch_functional.dropout = seeded_dropout
+        mindtorch_functional.dropout = cpu_speed.marked(seeded_dropout, "dualtune_seeded")
 
 
-def _mt_words(keys, pos: int, has_gauss: int, gauss: float) -> np.ndarray:
+def _mt_words(keys: Sequence[int] | np.ndarray, pos: int, has_gauss: int, gauss: float) -> np.ndarray:
     """A Mersenne Twister state as one uint32 array: 624 key words, position, has-gauss flag and
     the cached gaussian (a float64 as two words)."""
     extra = np.array([pos, has_gauss], dtype=np.uint32)
@@ -168,17 +184,19 @@ def _mt_words(keys, pos: int, has_gauss: int, gauss: float) -> np.ndarray:
     return np.concatenate([np.asarray(keys, dtype=np.uint32), extra, gauss_words])
 
 
-def _mt_unwords(words) -> tuple[np.ndarray, int, int, float]:
+def _mt_unwords(words: np.ndarray) -> tuple[np.ndarray, int, int, float]:
     words = np.ascontiguousarray(words, dtype=np.uint32)
     return words[:624], int(words[624]), int(words[625]), float(words[626:628].view(np.float64)[0])
 
 
 def numpy_state() -> np.ndarray:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True (the default): the MT19937 tuple, not the dict numpy's stubs also allow
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    _, keys, pos, has_gauss, gauss = state
     return _mt_words(keys, pos, has_gauss, gauss)
 
 
-def set_numpy_state(words) -> None:
+def set_numpy_state(words: np.ndarray) -> None:
     keys, pos, has_gauss, gauss = _mt_unwords(words)
     np.random.set_state(("MT19937", keys, pos, has_gauss, gauss))
 
@@ -188,15 +206,15 @@ def python_state() -> np.ndarray:
     return _mt_words(internal[:624], internal[624], gauss is not None, gauss or 0.0)
 
 
-def set_python_state(words) -> None:
+def set_python_state(words: np.ndarray) -> None:
     keys, pos, has_gauss, gauss = _mt_unwords(words)
     random.setstate((3, (*(int(k) for k in keys), pos), gauss if has_gauss else None))
 
 
-GRAPH_ARCHITECTURES = (t5_graph, bert_graph, llama_graph)
+GRAPH_ARCHITECTURES: tuple[Architecture, ...] = (t5_graph, bert_graph, llama_graph)
 
 
-def graph_architecture(model):
+def graph_architecture(model: Any) -> tuple[Architecture, None] | tuple[None, str]:
     """(the module that writes ``model`` as compiled graphs, None), or (None, why none does)."""
     base = base_model(model)
     name = type(base).__name__
@@ -211,16 +229,16 @@ def graph_architecture(model):
 class MindSporeBackend(HFBackend):
     name = "mindspore"
 
-    def __init__(self, device: str):
+    def __init__(self, device: str) -> None:
         super().__init__(device)
-        self._grad_fns: dict = {}
+        self._grad_fns: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._adamw = mindspore.jit(adamw_flat, jit_level=JIT_LEVELS[device])
 
-    def compile_seconds(self, model):
+    def compile_seconds(self, model: Any) -> float | None:
         stats = getattr(model, "_dualtune_compile_stats", None)
         return stats["compile_seconds"] if stats and stats["compiles"] else None
 
-    def compiled(self, model, params=None):
+    def compiled(self, model: Any, params: list[Tensor] | None = None) -> Compiled[Any] | None:
         """The model's compiled graphs (``CompiledT5``, ``CompiledBert``, ``CompiledLlama``), or
         None where they do not apply: switched off (``DUALTUNE_MINDSPORE_GRAPH=0``; unset, each
         architecture's ``ON_BY_DEFAULT``; ``1`` turns on every one), a model or adapter not
@@ -244,7 +262,7 @@ class MindSporeBackend(HFBackend):
             reason = "mindtorch corrections off (the graphs always compute T5's buckets in float64)"
         elif getattr(model, "is_gradient_checkpointing", False):
             reason = "gradient checkpointing runs op by op"
-        if reason is None:
+        if architecture is not None and reason is None:
             if getattr(model, "_dualtune_compile_stats", None) is None:
                 model._dualtune_compile_stats = {"compiles": 0, "compile_seconds": 0.0}
             compiled = architecture.COMPILED(
@@ -266,7 +284,7 @@ class MindSporeBackend(HFBackend):
         return compiled
 
     @property
-    def torch_device(self):
+    def torch_device(self) -> str:
         return DEVICES[self.device][1]
 
     def seed(self, seed: int) -> None:
@@ -277,43 +295,46 @@ class MindSporeBackend(HFBackend):
         DROPOUT_RNG.manual_seed(seed)  # dropout, which mindtorch cannot seed (see DropoutRNG)
         install_seeded_dropout()
 
-    def rng_state(self):
+    def rng_state(self) -> dict[str, np.ndarray]:
         # The default generator's state is a bare MindSpore tensor (no mindtorch device): asnumpy().
         return {
-            "mindtorch": torch.get_rng_state().asnumpy().copy(),
+            # mindtorch's get_rng_state has asnumpy; mypy reads PyTorch's stubs for torch
+            "mindtorch": torch.get_rng_state().asnumpy().copy(),  # type: ignore[attr-defined]
             "dropout": DROPOUT_RNG.get_state(),
             "numpy": numpy_state(),
             "python": python_state(),
         }
 
-    def set_rng_state(self, state):
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
         torch.set_rng_state(mindspore.Tensor(np.asarray(state["mindtorch"], dtype=np.uint8)))
         DROPOUT_RNG.set_state(state["dropout"])
         set_numpy_state(state["numpy"])
         set_python_state(state["python"])
         install_seeded_dropout()
 
-    def enable_gradient_checkpointing(self, model) -> None:
+    def enable_gradient_checkpointing(self, model: Any) -> None:
         super().enable_gradient_checkpointing(model)
         compat.recompute_checkpointed_layers(model, DROPOUT_RNG)  # mindtorch's checkpoint keeps everything
 
-    def to_tensors(self, batch):
+    def to_tensors(self, batch: dict[str, np.ndarray]) -> Batch:
         return {k: torch.tensor(v, dtype=torch.long, device=self.torch_device) for k, v in batch.items()}
 
-    def value_and_grad(self, model, params, batch):
+    def value_and_grad(self, model: Any, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         compiled = self.compiled(model, params)
         if compiled is not None:
-            loss, grads = compiled.value_and_grad(
-                *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels")),
-                training=model.training,
+            input_ids, attention_mask, labels = (
+                batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels")
             )
+            loss, grads = compiled.value_and_grad(input_ids, attention_mask, labels, training=model.training)
             # the graph's outputs are bare MindSpore tensors: give them a device for mindtorch ops
             device = params[0].device
             return torch.tensor(loss, device=device), [torch.tensor(g, device=device) for g in grads]
         key = (id(model), len(params))
         if key not in self._grad_fns:
 
-            def loss_fn(input_ids, attention_mask, labels, *encoder_outputs):
+            def loss_fn(
+                input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *encoder_outputs: Tensor
+            ) -> Tensor:
                 inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
                 if encoder_outputs:
                     inputs["encoder_outputs"] = encoder_outputs
@@ -331,7 +352,7 @@ class MindSporeBackend(HFBackend):
         # MindSpore hands back bare tensors; give them the parameters' device for mindtorch ops.
         return loss, [torch.tensor(g, device=p.device) for p, g in zip(params, grads)]
 
-    def eval_batch(self, model, batch):
+    def eval_batch(self, model: Any, batch: Batch) -> tuple[float | None, np.ndarray]:
         compiled = self.compiled(model)
         if compiled is None or ("labels" not in batch and compiled.needs_labels):
             return super().eval_batch(model, batch)
@@ -339,7 +360,7 @@ class MindSporeBackend(HFBackend):
             *(batch[k].asnumpy() for k in ("input_ids", "attention_mask", "labels") if k in batch)
         )
 
-    def generate(self, model, batch, max_new_tokens):
+    def generate(self, model: Any, batch: Batch, max_new_tokens: int) -> np.ndarray:
         compiled = self.compiled(model)
         if compiled is None:
             return super().generate(model, batch, max_new_tokens)
@@ -347,7 +368,7 @@ class MindSporeBackend(HFBackend):
             batch["input_ids"].asnumpy(), batch["attention_mask"].asnumpy(), max_new_tokens
         )
 
-    def clip_grads(self, grads, max_norm):
+    def clip_grads(self, grads: list[Tensor], max_norm: float | None) -> tuple[list[Tensor], float]:
         # One vector, one host read: per tensor, each op is a launch and a float() a device sync.
         values = flat(grads)
         norm = math.sqrt(float(ops.sum(ops.square(values)).asnumpy()))
@@ -357,7 +378,7 @@ class MindSporeBackend(HFBackend):
                 grads = [g * scale for g in grads]
         return grads, norm
 
-    def make_optimizer(self, params, optim_spec):
+    def make_optimizer(self, params: list[Tensor], optim_spec: Any) -> dict[str, Any]:
         # The moments as one vector each, in the parameters' order (optimizer_state splits them).
         return {
             "params": params,
@@ -367,7 +388,7 @@ class MindSporeBackend(HFBackend):
             "v": mindspore.Tensor(np.zeros(sum(sizes(params)), np.float32)),
         }
 
-    def apply_update(self, optimizer, grads, lr):
+    def apply_update(self, optimizer: Any, grads: list[Tensor], lr: float) -> None:
         # AdamW on one vector of every trainable value in one compiled graph, then copied back into
         # the parameters. Op by op, each of its 14 ops was a launch per tensor (t5_lora's 72
         # tensors: 190-260 ms a step); this way 31-41 ms, compiled in 0.1 s, and the same bytes
@@ -391,7 +412,7 @@ class MindSporeBackend(HFBackend):
         for p, part in zip(params, ops.split(values, sizes(params))):
             ops.assign(p, ops.reshape(part, tuple(p.shape)))
 
-    def peak_device_memory_mb(self):
+    def peak_device_memory_mb(self) -> float | None:
         # MindSpore's device memory pool; on CPU it reports 0 (measured, 2.7.0): not a number to show.
         if self.device == "cpu":
             return None
@@ -410,33 +431,33 @@ class MindSporeBackend(HFBackend):
                     info["cann"] = f.read().strip().splitlines()[-1]
         return info
 
-    def world(self):
+    def world(self) -> tuple[int, int]:
         if not communication.GlobalComm.INITED:
             return 0, 1
         return communication.get_rank(), communication.get_group_size()
 
-    def all_reduce_flat(self, flat):
+    def all_reduce_flat(self, flat: Tensor) -> Tensor:
         # MindSpore's AllReduce primitive, the one that runs on CPU (mccl, measured under msrun):
         # ``communication.comm_func.all_reduce`` has no CPU kernel in MindSpore 2.7 ("Create
         # kernelmod for op InnerCommAllReduce failed"), and mindtorch's ``torch.distributed`` on an
         # mccl group fails ("'ProcessGroup' object has no attribute 'device'").
         return torch.tensor(mindspore.ops.AllReduce()(flat), device=flat.device)
 
-    def optimizer_state(self, optimizer):
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         return {
             "step": optimizer["step"],
             "exp_avg": per_parameter(optimizer["m"].asnumpy(), optimizer["params"]),
             "exp_avg_sq": per_parameter(optimizer["v"].asnumpy(), optimizer["params"]),
         }
 
-    def load_optimizer_state(self, optimizer, state):
+    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None:
         optimizer["step"] = int(state["step"])
         for key, name in (("m", "exp_avg"), ("v", "exp_avg_sq")):
             values = [np.asarray(a, np.float32).reshape(-1) for a in state[name]]
             optimizer[key] = mindspore.Tensor(np.concatenate(values) if values else np.zeros(0, np.float32))
 
 
-def per_parameter(values: np.ndarray, params) -> list[np.ndarray]:
+def per_parameter(values: np.ndarray, params: Sequence[Tensor]) -> list[np.ndarray]:
     """One vector of every parameter's values (``flat``'s layout) as one array per parameter."""
     ends = np.cumsum(sizes(params))
     return [part.reshape(tuple(p.shape)).copy() for part, p in zip(np.split(values, ends[:-1]), params)]

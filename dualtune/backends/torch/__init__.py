@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dualtune.backend import BackendError
+from dualtune.backend import Backend, BackendError
 from dualtune.backends.hf import torch_flavour
 
 
@@ -26,7 +26,7 @@ def activate(device: str) -> None:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def create(device: str = "cpu"):
+def create(device: str = "cpu") -> Backend:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: this process's GPU
     activate(device)

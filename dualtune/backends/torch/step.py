@@ -4,10 +4,12 @@ through torch.autocast, fp16's dynamic loss scaling through torch.amp.GradScaler
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import numpy as np
 import torch
 
+from dualtune.backend import Batch, Tensor
 from dualtune.backends.hf.backend import HFBackend
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,35 +24,35 @@ class TorchBackend(HFBackend):
         self.scaler: torch.amp.GradScaler | None = None  # fp16: made with the optimizer
 
     @property
-    def torch_device(self):
+    def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # also seeds every CUDA device
 
-    def rng_state(self):
+    def rng_state(self) -> dict[str, np.ndarray]:
         state = {"cpu": torch.get_rng_state().numpy().copy()}
         if torch.cuda.is_available() and self.device.startswith("cuda"):
             state["cuda"] = torch.cuda.get_rng_state(self.torch_device).numpy().copy()
         return state
 
-    def set_rng_state(self, state):
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
         torch.set_rng_state(torch.from_numpy(np.asarray(state["cpu"], dtype=np.uint8)))
         if "cuda" in state and self.device.startswith("cuda"):
             torch.cuda.set_rng_state(
                 torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)), self.torch_device
             )
 
-    def to_tensors(self, batch):
+    def to_tensors(self, batch: dict[str, np.ndarray]) -> Batch:
         return {k: torch.from_numpy(v).to(self.torch_device) for k, v in batch.items()}
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward's autocast for ``precision`` (fp32: none)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.torch_device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def value_and_grad(self, model, params, batch):
+    def value_and_grad(self, model: Any, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         for p in params:
             p.grad = None
         with self.autocast():
@@ -60,7 +62,7 @@ class TorchBackend(HFBackend):
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         return loss.detach().float(), [p.grad for p in params]
 
-    def unscale_grads(self, optimizer, grads):
+    def unscale_grads(self, optimizer: Any, grads: list[Tensor]) -> tuple[list[Tensor], bool]:
         if self.scaler is None:
             return grads, True
         params = optimizer.param_groups[0]["params"]
@@ -70,7 +72,7 @@ class TorchBackend(HFBackend):
         grads = [p.grad for p in params]
         return grads, bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
-    def clip_grads(self, grads, max_norm):
+    def clip_grads(self, grads: list[Tensor], max_norm: float | None) -> tuple[list[Tensor], float]:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if max_norm is not None:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -78,7 +80,7 @@ class TorchBackend(HFBackend):
                 g.mul_(scale)
         return grads, float(norm)
 
-    def make_optimizer(self, params, optim_spec):
+    def make_optimizer(self, params: list[Tensor], optim_spec: Any) -> torch.optim.AdamW:
         # A new optimizer, a new scale; none unless fp16 (the backend outlives a run in one process).
         self.scaler = (
             torch.amp.GradScaler(self.torch_device.type, init_scale=self.fp16_init_scale)
@@ -94,7 +96,7 @@ class TorchBackend(HFBackend):
             foreach=True,
         )
 
-    def apply_update(self, optimizer, grads, lr):
+    def apply_update(self, optimizer: Any, grads: list[Tensor], lr: float) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         for p, g in zip(optimizer.param_groups[0]["params"], grads):
@@ -107,7 +109,7 @@ class TorchBackend(HFBackend):
         for p in optimizer.param_groups[0]["params"]:
             p.grad = None
 
-    def peak_device_memory_mb(self):
+    def peak_device_memory_mb(self) -> float | None:
         if self.torch_device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.torch_device) / 2**20
@@ -126,16 +128,16 @@ class TorchBackend(HFBackend):
             )
         return info
 
-    def world(self):
+    def world(self) -> tuple[int, int]:
         if not torch.distributed.is_initialized():
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def all_reduce_flat(self, flat):
+    def all_reduce_flat(self, flat: Tensor) -> Tensor:
         torch.distributed.all_reduce(flat)
         return flat
 
-    def optimizer_state(self, optimizer):
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         params = optimizer.param_groups[0]["params"]
         states = [optimizer.state.get(p, {}) for p in params]
         step = int(states[0]["step"]) if states and "step" in states[0] else 0
@@ -148,7 +150,7 @@ class TorchBackend(HFBackend):
         }
         return {"step": step, **moments}
 
-    def load_optimizer_state(self, optimizer, state):
+    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None:
         params = optimizer.param_groups[0]["params"]
         for i, p in enumerate(params):
             optimizer.state[p] = {
