@@ -383,7 +383,6 @@ class RunDir:
         try:
             if exc_type is None:
                 self.mark("finished")
-                fault_point("marked-finished")
                 old = self.target.with_name(f"{self.target.name}.old-{os.getpid()}")
                 replacing = self.target.is_dir()
                 if replacing:

@@ -30,6 +30,7 @@ from dualtune.rundir import (
     RunPlan,
     checkpoint_step,
     continuation,
+    damage,
     discard_checkpoints_after,
     fault_point,
     find_resume,
@@ -560,6 +561,9 @@ def check_finished(run_dir: str | Path, checkpoint: str | Path | None = None) ->
             raise RunDirError(
                 f"--checkpoint {path}: not a checkpoint (no state.json and trainable.safetensors)"
             )
+        why = damage(path)
+        if why is not None:
+            raise RunDirError(f"--checkpoint {path}: damaged ({why}); choose another of its checkpoints")
         return run_dir
     marker = read_marker(run_dir)
     if marker is None and not (run_dir / "final_metrics.json").is_file():
