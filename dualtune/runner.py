@@ -108,10 +108,12 @@ class Checkpointer(Callback):
         self.due = False
         self.last_step = -1
         self.last_path: Path | None = None
+        self.last_loss: float | None = None
 
     def on_step_end(self, state, record):
         if not self.first_loss:
             self.first_loss.append(record["loss"])
+        self.last_loss = record["loss"]
         if self.every and state.step % self.every == 0:
             self.due = True
 
@@ -158,6 +160,7 @@ class Checkpointer(Callback):
             "total_steps": state.total_steps,
             "optimizer_step": int(opt["step"]),
             "first_loss": self.first_loss[0] if self.first_loss else None,
+            "last_loss": self.last_loss,  # a resume at the last step trains none
             "best": best,
             "last_eval": state.last_eval,
             "fingerprint": fingerprint(r),
@@ -509,7 +512,7 @@ def _write_results(
         "device": backend.device,
         "steps": state.step,
         "first_loss": first_loss[0] if first_loss else None,
-        "last_loss": records[-1]["loss"] if records else None,
+        "last_loss": records[-1]["loss"] if records else plan.state.get("last_loss"),
         "selected_step": selected,
         "best_metric": recipe.train.best_metric,
         "stopped_early": bool(state.stop),
