@@ -586,13 +586,14 @@ class RunPlan:
         if self.checkpoint is None or self.data is None:
             return
         saved = self.state.get("continuation")
-        if processes is not None and saved is not None:
-            now = continuation(recipe, self.data, processes)
+        if saved is not None:
             for key, name in DATA_FIELDS.items():
-                was, new = saved["data"].get(key), now["data"].get(key)
+                was, new = saved["data"].get(key), self.data.get(key)
                 if was != new:
                     said = f"{_short(was)} -> {_short(new)}" if key != "label_counts" else f"{was} -> {new}"
                     raise self._refuse(f"the data changed since step {self.step} ({name} {said})")
+        if processes is not None and saved is not None:
+            now = continuation(recipe, self.data, processes)
             was_b, new_b = saved["step_batch"], now["step_batch"]
             if was_b["rows"] != new_b["rows"]:
                 raise self._refuse(
