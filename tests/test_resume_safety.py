@@ -15,11 +15,15 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_run_safety import Cli, finish, one_error_line, quick, read_json, steps_logged
+from test_run_safety import RECIPE, Cli, finish, one_error_line, quick, read_json, steps_logged
+
+from dualtune.recipe import load_recipe
+from dualtune.schedule import lr_at
 
 pytestmark = pytest.mark.slow
 
-STEPS = 20  # 160 training rows, batch 16: 10 steps an epoch, 2 epochs; checkpoints at 15 and 18 kept
+STEPS = 30  # 160 training rows, batch 16: 10 steps an epoch, 3 epochs; checkpoints at 27 and 30 kept
+# (one at the last step: a run killed while finalising resumes from it and trains no step)
 # instants of finalising, in order (dualtune.rundir.fault_point); best-swap needs a best adapter
 FAULTS = ("final-eval", "final-files", "finished-files", "rename")
 BEST = ("train.max_steps=12", "train.eval_every=1", "optim.lr=0.5", "train.best_metric=eval_loss")
@@ -32,7 +36,7 @@ def base(tiny_bert: str, data: Path) -> list[str]:
         f"model.name_or_path={tiny_bert}",
         f"data.source={data}",
         "data.max_rows=null",
-        "train.epochs=2",
+        "train.epochs=3",
         "train.save_every=3",
         "train.eval_every=10",
     ]
@@ -76,21 +80,21 @@ def world(tiny_bert, fin_data, tmp_path_factory) -> dict:
     for name in ("fallback", "none_intact", "lr", "fewer_epochs", "data_edited"):
         shutil.copytree(ref, root / name / "run")
     ckpts = root / "fallback" / "run" / "checkpoints"
-    w["newest"], w["older"] = ckpts / "step-0000018", ckpts / "step-0000015"
+    w["newest"] = ckpts / "step-0000030"
     trainable = w["newest"] / "trainable.safetensors"
     w["trainable_size"] = trainable.stat().st_size
     with open(trainable, "r+b") as f:
         f.truncate(100)
     damaged = root / "none_intact" / "run" / "checkpoints"
-    with open(damaged / "step-0000018" / "trainable.safetensors", "r+b") as f:
+    with open(damaged / "step-0000030" / "trainable.safetensors", "r+b") as f:
         f.truncate(100)
-    with open(damaged / "step-0000015" / "optimizer.safetensors", "ab") as f:
+    with open(damaged / "step-0000027" / "optimizer.safetensors", "ab") as f:
         f.write(b"x")
-    w["optimizer_size"] = (damaged / "step-0000015" / "optimizer.safetensors").stat().st_size - 1
+    w["optimizer_size"] = (damaged / "step-0000027" / "optimizer.safetensors").stat().st_size - 1
     procs = {name: cli.run(root / name / "run", "--resume") for name in FAULTS}
     procs["best-swap"] = cli.run(root / "best-swap" / "run", *BEST, "--resume")
     procs["fallback"] = cli.run(root / "fallback" / "run", "--resume")
-    procs["lr"] = cli.run(root / "lr" / "run", "optim.lr=5e-4", "--resume")
+    procs["lr"] = cli.run(root / "lr" / "run", "optim.lr=5e-4", "train.epochs=4", "--resume")
     for name, change in {"none_intact": (), "fewer_epochs": ("train.epochs=1",)}.items():
         w[name] = quick(*cli.args(root / name / "run", *change, "--resume"))
     w["round2"] = {name: finish(proc) for name, proc in procs.items()}
@@ -135,18 +139,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_intact_one(world):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         f"dualtune: {world['newest']}: damaged (trainable.safetensors is 100 bytes, "
-        f"{world['trainable_size']} when written); resuming from step-0000015, the newest intact "
+        f"{world['trainable_size']} when written); resuming from step-0000027, the newest intact "
         f"checkpoint" in proc.stderr.splitlines()
     )
-    assert ": step 15 of 20 " in proc.stderr
+    assert ": step 27 of 30 " in proc.stderr
     assert_same_run(world["root"] / "fallback" / "run", world["root"] / "ref")
 
 
 def test_no_intact_checkpoint_is_one_line(world):
     run = world["root"] / "none_intact" / "run"
     assert one_error_line(world["none_intact"]) == (
-        f"dualtune: error: --resume {run}: no intact checkpoint (step-0000018: trainable.safetensors "
-        f"is 100 bytes, {world['trainable_size']} when written; step-0000015: optimizer.safetensors is "
+        f"dualtune: error: --resume {run}: no intact checkpoint (step-0000030: trainable.safetensors "
+        f"is 100 bytes, {world['trainable_size']} when written; step-0000027: optimizer.safetensors is "
         f"{world['optimizer_size'] + 1} bytes, {world['optimizer_size']} when written); start afresh "
         f"with another --output-dir"
     )
@@ -155,8 +159,8 @@ def test_no_intact_checkpoint_is_one_line(world):
 def test_fewer_epochs_than_the_checkpoint_is_refused(world):
     run = world["root"] / "fewer_epochs" / "run"
     assert one_error_line(world["fewer_epochs"]) == (
-        f"dualtune: error: --resume {run}/checkpoints/step-0000018: train.epochs 1 gives 10 steps, "
-        f"below the checkpoint's 18: train.epochs and train.max_steps may only extend a run; resuming "
+        f"dualtune: error: --resume {run}/checkpoints/step-0000030: train.epochs 1 gives 10 steps, "
+        f"below the checkpoint's 30: train.epochs and train.max_steps may only extend a run; resuming "
         f"would be another run (start afresh: --overwrite or another --output-dir)"
     )
     assert read_json(run / "final_metrics.json")["steps"] == STEPS  # untouched
@@ -165,11 +169,18 @@ def test_fewer_epochs_than_the_checkpoint_is_refused(world):
 def test_a_changed_learning_rate_is_named_with_its_step_and_the_run_continues(world):
     proc = world["round2"]["lr"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dualtune: changed from step 18: optim.lr 0.002 -> 0.0005" in proc.stderr.splitlines()
+    assert (
+        "dualtune: changed from step 30: optim.lr 0.002 -> 0.0005, train.epochs 3 -> 4, total steps "
+        "30 -> 40 (the schedule's learning rate follows the new total)" in proc.stderr.splitlines()
+    )
     run = world["root"] / "lr" / "run"
-    assert steps_logged(run / "metrics.jsonl") == list(range(1, STEPS + 1))
-    lrs, ref = step_rates(run), step_rates(world["root"] / "ref")
-    assert lrs[:18] == ref[:18] and lrs[18] != ref[18] and lrs[19] != ref[19]  # the new rate from step 19
+    assert steps_logged(run / "metrics.jsonl") == list(range(1, 41))
+    rates, ref = step_rates(run), step_rates(world["root"] / "ref")
+    schedule = load_recipe(RECIPE).schedule
+    assert rates[:STEPS] == ref  # the first 30 steps as they were
+    assert rates[STEPS:] == [
+        lr_at(step, 5e-4, schedule, 40) for step in range(STEPS, 40)
+    ]  # then the new rate
 
 
 def step_rates(run: Path) -> list[float]:
@@ -181,7 +192,7 @@ def test_the_data_edited_under_the_same_path_is_refused(world):
     run = world["root"] / "data_edited" / "run"
     line = one_error_line(world["data_edited"])
     assert line.startswith(
-        f"dualtune: error: --resume {run}/checkpoints/step-0000018: the data changed since step 18 "
+        f"dualtune: error: --resume {run}/checkpoints/step-0000030: the data changed since step 30 "
         f"(the file's sha256 "
     )
     assert line.endswith("resuming would be another run (start afresh: --overwrite or another --output-dir)")
