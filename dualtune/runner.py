@@ -267,15 +267,17 @@ def run_recipe(
     return plan.target
 
 
-def _truncate_metrics(path: Path, state: dict[str, Any]) -> None:
-    """metrics.jsonl as it was when checkpoint ``state`` was written: later lines (steps after it,
-    a final evaluation that did not see the run finish) were never checkpointed."""
+def _truncate_metrics(path: Path, state: dict[str, Any], extending: bool) -> None:
+    """metrics.jsonl as the continued run has it at checkpoint ``state``. Continuing an unfinished
+    run: the lines as the checkpoint was written (later steps, and a final evaluation the run did not
+    live to finish, were never checkpointed). Extending a finished run: its lines up to the step,
+    its final evaluation included (the run did finish there)."""
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if state.get("metrics_lines") is not None:
+    if not extending and state.get("metrics_lines") is not None:
         kept = lines[: state["metrics_lines"]]
-    else:  # a checkpoint from before the line count was kept
+    else:  # (or a checkpoint from before the line count was kept)
         kept = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]]
     write_atomic(path, "".join(line + "\n" for line in kept))
 
@@ -422,7 +424,8 @@ def _restore(
     checkpoint = run.path / CHECKPOINTS / plan.checkpoint.name
     resume = _resume_state(backend, prep, checkpoint, best, first_loss)
     discard_checkpoints_after(run.path, checkpoint_step(checkpoint))
-    _truncate_metrics(run.path / "metrics.jsonl", plan.state)
+    extending = plan.source is not None and plan.source.resolve() == plan.target.resolve()
+    _truncate_metrics(run.path / "metrics.jsonl", plan.state, extending)
     return resume
 
 
