@@ -6,6 +6,7 @@ same order on every backend. Backends only turn the numpy arrays into tensors.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -342,16 +343,56 @@ def label_rows(raw: list[dict], spec: DataSpec) -> Rows:
 def split_rows(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows]:
     """Seeded shuffle, then the first part trains; eval gets ceil((1 - f) * n) rows as in
     ``datasets.Dataset.train_test_split`` (2264 rows at 0.9 -> 227 eval rows)."""
-    n = len(rows.texts)
-    n_eval = math.ceil(round((1.0 - train_fraction) * n, 6))
-    if n_eval < 1 or n - n_eval < 1:
-        raise DataError(f"{n} rows cannot be split {train_fraction:g}/{1 - train_fraction:g}")
-    order = np.random.default_rng(seed).permutation(n)
+    train_idx, eval_idx = split_indices(len(rows.texts), train_fraction, seed)
 
     def take(idx) -> Rows:
         return Rows([rows.texts[i] for i in idx], [rows.labels[i] for i in idx], rows.label_names)
 
-    return take(order[: n - n_eval]), take(order[n - n_eval :])
+    return take(train_idx), take(eval_idx)
+
+
+def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row indices of ``split_rows``'s train and eval parts."""
+    n_eval = math.ceil(round((1.0 - train_fraction) * n, 6))
+    if n_eval < 1 or n - n_eval < 1:
+        raise DataError(f"{n} rows cannot be split {train_fraction:g}/{1 - train_fraction:g}")
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: n - n_eval], order[n - n_eval :]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(rows: Rows, spec: DataSpec) -> dict:
+    """What a run trained on, as ``data.json`` and every checkpoint record it: the source and its
+    content (a local file's sha256, or for the hub and synthetic data a hash of the rows read), the
+    rows, the label names and per-split class counts, and a hash of each split's row indices. A
+    resume compares it whole: the same path with other content is another run."""
+    local = Path(spec.source).expanduser()
+    train_idx, eval_idx = split_indices(len(rows.texts), spec.train_split, spec.seed)
+    content = hashlib.sha256(
+        json.dumps([rows.texts, rows.labels, rows.label_names], ensure_ascii=False).encode()
+    ).hexdigest()
+
+    def counts(idx: np.ndarray) -> dict[str, int]:
+        found = np.bincount(np.asarray(rows.labels)[idx], minlength=len(rows.label_names)).tolist()
+        return dict(zip(rows.label_names, found))
+
+    return {
+        "source": spec.source,
+        "file_sha256": _sha256_file(local) if local.is_file() else None,
+        "rows_sha256": content,
+        "rows": len(rows.texts),
+        "label_names": list(rows.label_names),
+        "label_counts": {"train": counts(train_idx), "eval": counts(eval_idx)},
+        "train_indices_sha256": hashlib.sha256(np.ascontiguousarray(train_idx, "<i8").tobytes()).hexdigest(),
+        "eval_indices_sha256": hashlib.sha256(np.ascontiguousarray(eval_idx, "<i8").tobytes()).hexdigest(),
+    }
 
 
 def encode_texts(texts: list[str], tokenizer, spec: DataSpec) -> list[list[int]]:

@@ -12,13 +12,16 @@ are written aside and renamed into place, so one cut by ``kill -9`` is never rea
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import resource
 import shutil
+import signal
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,17 @@ import numpy as np
 import psutil
 
 from dualtune.errors import RunDirError
+from dualtune.recipe import Recipe
+
+log = logging.getLogger("dualtune")
 
 MARKER = ".dualtune-run"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "state.json"
 _PARTIAL = re.compile(r"\.partial-(\d+)$")
+TMP_SUFFIX = ".dualtune-tmp"  # write_atomic's files in the making; a resume clears those kill -9 left
+# Tests kill a run at a named instant of its finalising: DUALTUNE_FAULT_AT=<name> (see fault_point).
+FAULT_ENV = "DUALTUNE_FAULT_AT"
 
 
 def _umask() -> int:
@@ -43,7 +52,7 @@ def _umask() -> int:
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write ``path`` whole or not at all, with the usual permissions (mkstemp alone gives 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
@@ -56,6 +65,20 @@ def write_atomic(path: Path, text: str | bytes) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def fault_point(name: str) -> None:
+    """A named instant where the fault-injection tests kill this process (``DUALTUNE_FAULT_AT``)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -192,7 +215,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     for name, arrays in tensors.items():
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / f"{name}.safetensors"))
-    write_json(tmp / CHECKPOINT_STATE, state)
+    write_json(tmp / CHECKPOINT_STATE, {**state, "files": file_records(tmp)})  # last: it vouches for the rest
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -203,14 +226,52 @@ def save_checkpoint(
     return final
 
 
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in a checkpoint folder but its state (whatever wrote them)."""
+    return {
+        f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != CHECKPOINT_STATE
+    }
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be used (a file cut, changed or missing since it was written),
+    or None. A checkpoint from before files were recorded is taken as it is."""
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+        files = state.get("files", {})
+        recorded = {str(name): (int(r["size"]), str(r["sha256"])) for name, r in files.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return f"{CHECKPOINT_STATE} unreadable"
+    for name, (size, digest) in recorded.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when written"
+        if sha256_file(f) != digest:
+            return f"{name} changed since it was written (sha256)"
+    return None
+
+
+def discard_checkpoints_after(run_path: Path, step: int) -> None:
+    """A resume from ``step`` retrains what comes after: later checkpoints (damaged ones passed
+    over) would stand among the new ones."""
+    for later in checkpoints(run_path):
+        if checkpoint_step(later) > step:
+            shutil.rmtree(later)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """(state, tensors by file) of a checkpoint ``save_checkpoint`` wrote."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text())
         tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise RunDirError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
     return state, tensors
 
@@ -288,12 +349,15 @@ class RunDir:
                 check_target(self.target, self.overwrite)
             if self.resume_from is None:
                 self.path.mkdir(parents=True)
-            elif (read_marker(self.resume_from) or {}).get("status") == "finished":
+            elif self.resume_from.resolve() == self.target.resolve():
                 shutil.copytree(
                     self.resume_from, self.path
                 )  # a finished run stays as it is until this one ends
-            else:
+            else:  # an unfinished run (killed even as it was being moved into place)
                 os.replace(self.resume_from, self.path)
+            if self.resume_from is not None:  # files a kill -9 cut in the making
+                for cut in self.path.rglob(f"*{TMP_SUFFIX}"):
+                    cut.unlink()
             self.mark("running")
         except BaseException:
             self._lock.__exit__()
@@ -308,6 +372,13 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def metrics_lines(self) -> int:
+        try:
+            with open(self.path / "metrics.jsonl") as f:
+                return sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            return 0
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
@@ -316,6 +387,7 @@ class RunDir:
                 replacing = self.target.is_dir()
                 if replacing:
                     os.replace(self.target, old)  # checked at __enter__: empty, or our finished run
+                fault_point("rename")
                 os.replace(self.path, self.target)
                 if replacing:
                     shutil.rmtree(old, ignore_errors=True)
@@ -347,3 +419,262 @@ class RunInterrupted(Exception):
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (host memory; ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------- the plan: where a run writes, what it continues
+
+# What a resumed run must share with its checkpoint, or it would silently be another run. The rest
+# (epochs, max_steps, eval and log cadence, optimizer, schedule) may change: more epochs extend a run.
+FIXED_KEYS = (
+    "model",
+    "data",
+    "peft",
+    "loss",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.seed",
+    "train.group_by_length",
+    "train.dropout",
+)
+# Keys whose change says nothing about the training (where it is written, how it is shown).
+UNSEEN_KEYS = ("train.output_dir", "train.overwrite")
+
+
+def output_dir(recipe: Recipe, backend_name: str, override: str | Path | None = None) -> Path:
+    """The run directory: ``override``, else ``train.output_dir`` with {recipe} and {backend} filled."""
+    if override is not None:
+        return Path(override)
+    return Path(recipe.train.output_dir.format(recipe=recipe.name or "run", backend=backend_name))
+
+
+def flat_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as dotted keys and values."""
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else k))
+        return out
+
+    return flat(recipe.model_dump(mode="json"))
+
+
+def _fixed(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in FIXED_KEYS) and key != "peft.init_from"
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's values under FIXED_KEYS, flat (peft.init_from aside: a checkpoint replaces it)."""
+    return {k: v for k, v in flat_recipe(recipe).items() if _fixed(k)}
+
+
+def check_resumable(saved: dict[str, Any], recipe: Recipe, where: Path) -> None:
+    now = fingerprint(recipe)
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise RunDirError(
+                f"--resume {where}: {key} was {saved.get(key)!r} in the checkpoint, now "
+                f"{now.get(key)!r}; resuming would mix two runs (start a new run instead)"
+            )
+
+
+def continuation(recipe: Recipe, data: dict[str, Any], processes: int) -> dict[str, Any]:
+    """What determines how a run goes on from a checkpoint besides the recipe's fixed keys: the data
+    it trains on (``dualtune.data.fingerprint``), the rows of a step and the schedule's length."""
+    from dualtune.trainer import step_batch_size, total_steps
+
+    n_train = sum(data["label_counts"]["train"].values())
+    return {
+        "data": data,
+        "step_batch": {
+            "batch_size": recipe.train.batch_size,
+            "grad_accum_steps": recipe.train.grad_accum_steps,
+            "processes": processes,
+            "rows": step_batch_size(recipe, processes),
+        },
+        "total_steps": total_steps(recipe, n_train, processes),
+    }
+
+
+DATA_FIELDS = {  # the data fingerprint's fields, as a refusal names them
+    "source": "data.source",
+    "file_sha256": "the file's sha256",
+    "rows": "rows",
+    "rows_sha256": "the rows' content (sha256)",
+    "label_names": "label names",
+    "label_counts": "rows per class",
+    "train_indices_sha256": "the train split's rows",
+    "eval_indices_sha256": "the eval split's rows",
+}
+
+
+def _short(value: Any) -> str:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def find_resume(target: Path, resume: str | Path | bool) -> Path:
+    """The directory ``--resume`` continues: the one named, else the unfinished run of ``target``."""
+    if resume is not True:
+        path = Path(str(resume))
+        if not path.is_dir() or read_marker(path) is None:
+            raise RunDirError(f"--resume {path}: not a dualtune run directory")
+        if latest_checkpoint(path) is None:
+            raise RunDirError(f"--resume {path}: no checkpoint to resume from (set train.save_every)")
+        return path
+    found = [u for u in unfinished_runs(target) if u.checkpoint is not None]
+    if not found and target.is_dir() and latest_checkpoint(target) is not None:
+        return target  # a finished run with checkpoints: more epochs extend it
+    if not found:
+        raise RunDirError(
+            f"--resume: no unfinished run of {target} with a checkpoint "
+            f"(looked for {target.name}.failed and {target.name}.partial-*)"
+        )
+    return max(found, key=lambda u: u.checkpoint.stat().st_mtime if u.checkpoint else 0).path
+
+
+def check_leftovers(target: Path) -> None:
+    """A new run (not --resume) next to an unfinished one: refuse when that one could be resumed."""
+    for u in unfinished_runs(target):
+        if u.checkpoint is not None:
+            raise RunDirError(
+                f"{u.path}: an unfinished run of this output ({u.why}, checkpoint at step "
+                f"{checkpoint_step(u.checkpoint)}); continue it with --resume, or "
+                f"remove it to start over"
+            )
+        if u.path.name.endswith(".failed"):
+            continue  # dualtune's own failed run, no checkpoint: the next failure replaces it
+        log.warning("%s: left by a run that was killed (%s), with no checkpoint; remove it", u.path, u.why)
+
+
+@dataclass
+class RunPlan:
+    """A run planned once, before anything loads (``plan_run``): where it writes, and on --resume
+    what it continues. ``validate`` and ``run_recipe`` act on the same plan."""
+
+    target: Path
+    overwrite: bool
+    source: Path | None = None  # the run directory --resume continues
+    checkpoint: Path | None = None  # its newest intact checkpoint
+    state: dict[str, Any] = field(default_factory=dict)  # that checkpoint's state.json
+    notes: list[str] = field(
+        default_factory=list
+    )  # said when the run starts (a damaged checkpoint passed over)
+    data: dict[str, Any] | None = None  # dualtune.data.fingerprint of what the run trains on
+    changed: str | None = None  # "changed from step N: ..." (keys a resume may change)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    def _refuse(self, what: str) -> RunDirError:
+        assert self.source is not None
+        again = (
+            "--overwrite or another --output-dir"
+            if self.source.resolve() == self.target.resolve()
+            else f"another --output-dir, or remove {self.source}"
+        )
+        return RunDirError(
+            f"--resume {self.checkpoint}: {what}; resuming would be another run (start afresh: {again})"
+        )
+
+    def check_continuation(self, recipe: Recipe, processes: int | None) -> None:
+        """Refuse a resume that would not continue the checkpoint's run: other data, another step
+        batch, or fewer steps than it has trained; note the keys that may change and did.
+        ``processes`` None: not known yet (a launched process checks again)."""
+        if self.checkpoint is None or self.data is None:
+            return
+        saved = self.state.get("continuation")
+        if saved is not None:
+            for key, name in DATA_FIELDS.items():
+                was, new = saved["data"].get(key), self.data.get(key)
+                if was != new:
+                    said = f"{_short(was)} -> {_short(new)}" if key != "label_counts" else f"{was} -> {new}"
+                    raise self._refuse(f"the data changed since step {self.step} ({name} {said})")
+        if processes is not None and saved is not None:
+            now = continuation(recipe, self.data, processes)
+            was_b, new_b = saved["step_batch"], now["step_batch"]
+            if was_b["rows"] != new_b["rows"]:
+                raise self._refuse(
+                    f"a step took {was_b['batch_size']} x {was_b['grad_accum_steps']} x "
+                    f"{was_b['processes']} rows (batch_size x grad_accum_steps x processes), now "
+                    f"{new_b['batch_size']} x {new_b['grad_accum_steps']} x {new_b['processes']}"
+                )
+            total = now["total_steps"]
+        elif processes is not None:
+            from dualtune.trainer import total_steps  # a checkpoint of before continuations were kept
+
+            total = total_steps(recipe, sum(self.data["label_counts"]["train"].values()), processes)
+        else:
+            total = None
+        if total is not None and total < self.step:
+            limit = f" and train.max_steps {recipe.train.max_steps}" if recipe.train.max_steps else ""
+            raise self._refuse(
+                f"train.epochs {recipe.train.epochs}{limit} give{'' if limit else 's'} {total} steps, "
+                f"below the checkpoint's {self.step}: train.epochs and train.max_steps may only extend a run"
+            )
+        self.changed = self._changes(recipe, saved, total)
+
+    def _changes(self, recipe: Recipe, saved: dict | None, total: int | None) -> str | None:
+        before = self.state.get("recipe") or {}
+        now = flat_recipe(recipe)
+        said = [
+            f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(before) | set(now))
+            if before and not _fixed(k) and k not in UNSEEN_KEYS and before.get(k) != now.get(k)
+        ]
+        was_total = saved.get("total_steps") if saved else None
+        if total is not None and was_total is not None and total != was_total:
+            linear = recipe.schedule.name != "constant" or recipe.schedule.warmup_ratio is not None
+            said.append(
+                f"total steps {was_total} -> {total}"
+                + (" (the schedule's learning rate follows the new total)" if linear else "")
+            )
+        return f"changed from step {self.step}: " + ", ".join(said) if said else None
+
+
+def intact_checkpoint(source: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint of ``source`` whose files are as written, its state, and a note for
+    the newer ones passed over; none intact: one line."""
+    passed: list[tuple[Path, str]] = []
+    for path in reversed(checkpoints(source)):
+        why = damage(path)
+        if why is None:
+            state = json.loads((path / CHECKPOINT_STATE).read_text())
+            notes = [
+                f"{p}: damaged ({w}); resuming from {path.name}, the newest intact checkpoint"
+                for p, w in passed
+            ]
+            return path, state, notes
+        passed.append((path, why))
+    said = "; ".join(f"{p.name}: {w}" for p, w in passed)
+    raise RunDirError(
+        f"--resume {source}: no intact checkpoint ({said}); start afresh with another --output-dir"
+    )
+
+
+def plan_run(
+    recipe: Recipe,
+    backend_name: str,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | bool | None = None,
+) -> RunPlan:
+    """Every check of the output a run makes before any work, once: the target is free and may be
+    written, or --resume's run and its newest intact checkpoint, whose recipe keys match."""
+    target = output_dir(recipe, backend_name, output)
+    overwrite = overwrite or recipe.train.overwrite
+    TargetLock(target).check_free()
+    plan = RunPlan(target, overwrite)
+    if not resume:
+        check_target(target, overwrite)
+        check_leftovers(target)
+        return plan
+    plan.source = find_resume(target, resume)
+    if plan.source.resolve() != target.resolve():
+        check_target(target, overwrite)
+    plan.checkpoint, plan.state, plan.notes = intact_checkpoint(plan.source)
+    if isinstance(plan.state.get("fingerprint"), dict):  # a changed recipe is refused before any work
+        check_resumable(plan.state["fingerprint"], recipe, plan.checkpoint)
+    return plan

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dualtune import __version__
+from dualtune import data as datamap
 from dualtune.backend import Backend
 from dualtune.callbacks import Callback, EarlyStopping, LoopState, MetricsFile, Progress
 from dualtune.errors import RunDirError
@@ -23,139 +24,35 @@ from dualtune.prepare import Prepared, class_weights, prepare, prepare_data
 from dualtune.recipe import Recipe, load_recipe
 from dualtune.report import plot_curves
 from dualtune.rundir import (
+    CHECKPOINTS,
     RunDir,
     RunInterrupted,
-    TargetLock,
-    check_target,
+    RunPlan,
     checkpoint_step,
+    continuation,
+    damage,
+    discard_checkpoints_after,
+    fault_point,
+    find_resume,
+    fingerprint,
+    flat_recipe,
+    intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    output_dir,
     peak_rss_mb,
+    plan_run,
     read_marker,
     run_status,
     save_checkpoint,
-    unfinished_runs,
     write_atomic,
     write_json,
 )
 from dualtune.signals import handling
-from dualtune.tracking import Tracking, check_trackers
+from dualtune.tracking import Tracking
 from dualtune.trainer import BestCheckpoint, KeepBest, Resume, total_steps, train
 
 log = logging.getLogger("dualtune")
-
-# What a resumed run must share with its checkpoint, or it would silently be another run. The rest
-# (epochs, max_steps, eval and log cadence, optimizer, schedule) may change: more epochs extend a run.
-FIXED_KEYS = (
-    "model",
-    "data",
-    "peft",
-    "loss",
-    "train.batch_size",
-    "train.grad_accum_steps",
-    "train.seed",
-    "train.group_by_length",
-    "train.dropout",
-)
-
-
-def output_dir(recipe: Recipe, backend_name: str, override: str | Path | None = None) -> Path:
-    """The run directory: ``override``, else ``train.output_dir`` with {recipe} and {backend} filled."""
-    if override is not None:
-        return Path(override)
-    return Path(recipe.train.output_dir.format(recipe=recipe.name or "run", backend=backend_name))
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's values under FIXED_KEYS, flat (peft.init_from aside: a checkpoint replaces it)."""
-    flat = _flat(recipe.model_dump(mode="json"))
-    return {
-        k: v
-        for k, v in flat.items()
-        if any(k == f or k.startswith(f + ".") for f in FIXED_KEYS) and k != "peft.init_from"
-    }
-
-
-def check_resumable(saved: dict[str, Any], recipe: Recipe, where: Path) -> None:
-    now = fingerprint(recipe)
-    for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            raise RunDirError(
-                f"--resume {where}: {key} was {saved.get(key)!r} in the checkpoint, now "
-                f"{now.get(key)!r}; resuming would mix two runs (start a new run instead)"
-            )
-
-
-def find_resume(target: Path, resume: str | Path | bool) -> Path:
-    """The directory ``--resume`` continues: the one named, else the unfinished run of ``target``."""
-    if resume is not True:
-        path = Path(str(resume))
-        if not path.is_dir() or read_marker(path) is None:
-            raise RunDirError(f"--resume {path}: not a dualtune run directory")
-        if latest_checkpoint(path) is None:
-            raise RunDirError(f"--resume {path}: no checkpoint to resume from (set train.save_every)")
-        return path
-    found = [u for u in unfinished_runs(target) if u.checkpoint is not None]
-    if not found and target.is_dir() and latest_checkpoint(target) is not None:
-        return target  # a finished run with checkpoints: more epochs extend it
-    if not found:
-        raise RunDirError(
-            f"--resume: no unfinished run of {target} with a checkpoint "
-            f"(looked for {target.name}.failed and {target.name}.partial-*)"
-        )
-    return max(found, key=lambda u: u.checkpoint.stat().st_mtime if u.checkpoint else 0).path
-
-
-def check_leftovers(target: Path) -> None:
-    """A new run (not --resume) next to an unfinished one: refuse when that one could be resumed."""
-    for u in unfinished_runs(target):
-        if u.checkpoint is not None:
-            raise RunDirError(
-                f"{u.path}: an unfinished run of this output ({u.why}, checkpoint at step "
-                f"{checkpoint_step(u.checkpoint)}); continue it with --resume, or "
-                f"remove it to start over"
-            )
-        if u.path.name.endswith(".failed"):
-            continue  # dualtune's own failed run, no checkpoint: the next failure replaces it
-        log.warning("%s: left by a run that was killed (%s), with no checkpoint; remove it", u.path, u.why)
-
-
-def check_output(
-    recipe: Recipe,
-    backend_name: str,
-    override: str | Path | None = None,
-    overwrite: bool = False,
-    resume: str | Path | bool | None = None,
-) -> Path:
-    """All output checks a run makes before any work; returns the target."""
-    check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
-    target = output_dir(recipe, backend_name, override)
-    TargetLock(target).check_free()
-    if resume:
-        source = find_resume(target, resume)
-        if source.resolve() != target.resolve():
-            check_target(target, overwrite or recipe.train.overwrite)
-        checkpoint = latest_checkpoint(source)
-        assert checkpoint is not None  # find_resume only returns directories with one
-        try:  # a changed recipe is refused now, before the run directory is touched
-            saved = json.loads((checkpoint / "state.json").read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            saved = None  # _resume_state reports an unreadable checkpoint
-        if saved is not None:
-            check_resumable(saved, recipe, checkpoint)
-    else:
-        check_target(target, overwrite or recipe.train.overwrite)
-        check_leftovers(target)
-    return target
 
 
 class SignalStop(Callback):
@@ -202,17 +99,21 @@ class Checkpointer(Callback):
         signals: SignalStop,
         best: BestCheckpoint | None,
         first_loss: list[float],
+        continued: dict[str, Any],
     ):
         self.backend, self.prep, self.run, self.signals, self.best = backend, prep, run, signals, best
         self.first_loss = first_loss
+        self.continued = continued  # rundir.continuation: what a resume must share with this run
         self.every = prep.recipe.train.save_every
         self.due = False
         self.last_step = -1
         self.last_path: Path | None = None
+        self.last_loss: float | None = None
 
     def on_step_end(self, state, record):
         if not self.first_loss:
             self.first_loss.append(record["loss"])
+        self.last_loss = record["loss"]
         if self.every and state.step % self.every == 0:
             self.due = True
 
@@ -259,9 +160,13 @@ class Checkpointer(Callback):
             "total_steps": state.total_steps,
             "optimizer_step": int(opt["step"]),
             "first_loss": self.first_loss[0] if self.first_loss else None,
+            "last_loss": self.last_loss,  # a resume at the last step trains none
             "best": best,
             "last_eval": state.last_eval,
             "fingerprint": fingerprint(r),
+            "continuation": self.continued,
+            "recipe": flat_recipe(r),  # a resume names the keys it changes
+            "metrics_lines": self.run.metrics_lines(),  # metrics.jsonl as of this step, for a resume
         }
         protect = self.best.step if self.best is not None else None
         self.last_path = save_checkpoint(
@@ -275,9 +180,9 @@ class Checkpointer(Callback):
 def _resume_state(
     backend: Backend, prep: Prepared, path: Path, best: BestCheckpoint | None, first_loss: list[float]
 ) -> Resume:
-    """The loop's start from checkpoint ``path``; the trainable tensors (and best) restored."""
+    """The loop's start from checkpoint ``path`` (checked by the plan); the trainable tensors (and
+    best) restored."""
     info, tensors = load_checkpoint(path)
-    check_resumable(info["fingerprint"], prep.recipe, path)
     names = list(prep.trainable)
     backend.assign_trainable(prep.model, tensors["trainable"])
     optimizer = {
@@ -323,29 +228,35 @@ def run_recipe(
     callbacks: Sequence[Callback] = (),
     overwrite: bool = False,
     resume: str | Path | bool | None = None,
+    plan: RunPlan | None = None,
 ) -> Path:
     """Train, evaluate and write the run directory; returns its final path.
 
     ``output``: the run directory (default: ``train.output_dir`` filled in). ``progress``: a bar
     (True), progress lines (False), or whichever suits stderr (None). ``resume``: True continues the
     unfinished run of this output, a path continues that run directory. ``callbacks``: the caller's
-    own, after dualtune's. Data parallel (several processes, ``backend.world()``): process 0 does
-    all of this; the others only train (``_train_replica``)."""
+    own, after dualtune's. ``plan``: ``rundir.plan_run``'s, as ``validate`` made it (the CLI);
+    without one the run plans itself (output, overwrite and resume then say what). Data parallel
+    (several processes, ``backend.world()``): process 0 does all of this; the others only train
+    (``_train_replica``)."""
     rank, world = backend.world()
     if rank != 0:
         return _train_replica(recipe, backend, output, resume)
-    target = check_output(recipe, backend.name, output, overwrite, resume)
-    source = find_resume(target, resume) if resume else None
+    if plan is None:
+        plan = plan_run(recipe, backend.name, output, overwrite, resume)
+    if plan.data is None:
+        plan.data = datamap.fingerprint(datamap.load_rows(recipe.data), recipe.data)
+    plan.check_continuation(recipe, world)  # validate checked it too, but not knowing the processes
     if world > 1:
         backend.all_reduce_sum([], [0.0])  # wait until the others have read the checkpoint
     signals = SignalStop()
-    run = RunDir(target, overwrite or recipe.train.overwrite, source)
+    run = RunDir(plan.target, plan.overwrite, plan.source)
     interrupted = None
     try:
         with handling(signals.handle), run:
-            _run_in(run, recipe, backend, progress, callbacks, signals, resumed=source is not None)
+            _run_in(run, plan, recipe, backend, progress, callbacks, signals)
     except RunInterrupted as stop:
-        failed = run.failed or target
+        failed = run.failed or plan.target
         where = failed / stop.checkpoint.relative_to(run.path) if stop.checkpoint else None
         stop.checkpoint = where
         interrupted = stop
@@ -353,18 +264,22 @@ def run_recipe(
         backend.all_reduce_sum([], [0.0])  # the others wait for the run directory: all end together
     if interrupted is not None:
         raise interrupted
-    return target
+    return plan.target
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """metrics.jsonl as the uninterrupted run has it at ``step``: later lines were never checkpointed."""
-    if path.is_file():
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        write_atomic(path, "".join(line + "\n" for line in kept))
+def _truncate_metrics(path: Path, state: dict[str, Any], extending: bool) -> None:
+    """metrics.jsonl as the continued run has it at checkpoint ``state``. Continuing an unfinished
+    run: the lines as the checkpoint was written (later steps, and a final evaluation the run did not
+    live to finish, were never checkpointed). Extending a finished run: its lines up to the step,
+    its final evaluation included (the run did finish there)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not extending and state.get("metrics_lines") is not None:
+        kept = lines[: state["metrics_lines"]]
+    else:  # (or a checkpoint from before the line count was kept)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]]
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _train_replica(
@@ -374,9 +289,8 @@ def _train_replica(
     target = output_dir(recipe, backend.name, output)
     prep = prepare(recipe, backend)
     start = None
-    if resume:
-        checkpoint = latest_checkpoint(find_resume(target, resume))
-        assert checkpoint is not None
+    if resume:  # the checkpoint process 0 chose (it checked the rest), read before it moves
+        checkpoint, _, _ = intact_checkpoint(find_resume(target, resume))
         start = _resume_state(backend, prep, checkpoint, None, [])
     backend.all_reduce_sum([], [0.0])  # process 0 may now take the run directory over
     signals = SignalStop()
@@ -388,133 +302,239 @@ def _train_replica(
     return target
 
 
+class _RunLog:
+    """run.log in the run directory for the length of the run; a failure's last line in it."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> _RunLog:
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, exc_type, err, tb) -> None:
+        if err is not None:
+            log.debug("run failed: %s: %s", type(err).__name__, err)
+            self.handler.emit(
+                logging.LogRecord(
+                    "dualtune",
+                    logging.ERROR,
+                    __file__,
+                    0,
+                    "run failed: %s: %s",
+                    (type(err).__name__, err),
+                    None,
+                )
+            )
+        log.removeHandler(self.handler)
+        self.handler.close()
+
+
 def _run_in(
     run: RunDir,
+    plan: RunPlan,
     recipe: Recipe,
     backend: Backend,
     progress: bool | None,
     callbacks: Sequence[Callback],
     signals: SignalStop,
-    resumed: bool,
 ) -> None:
-    handler = logging.FileHandler(run.path / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    tracking = Tracking(recipe, run.path, run.target, backend.name, backend.device)  # train.report_to
-    try:
-        if not resumed:
-            run.mark("running", recipe=recipe.name, backend=backend.name, dualtune=__version__)
-        else:
-            run.mark("running", backend=backend.name)  # a resume may continue on the other stack
-        write_atomic(run.path / "recipe.yaml", recipe.to_yaml())
-        prep = prepare(recipe, backend)
-        if not recipe.data.label_names:  # the effective recipe names the classes the data gave
-            effective = recipe.model_copy(deep=True)
-            effective.data.label_names = list(prep.label_names)
-            write_atomic(run.path / "recipe.yaml", effective.to_yaml())
-        if recipe.train.save_initial and not resumed:  # exact: another run starts from it (peft.init_from)
-            backend.save(prep.model, run.path / "adapter_init", recipe.peft, exact=True)
-        if recipe.train.dump_activations and not resumed:
-            _dump_activations(backend, prep, run.path / "activations.safetensors")
-        write_json(
-            run.path / "trainable.json",
-            {
-                "method": recipe.peft.method,
-                "total": prep.total_params,
-                "trainable": sum(prep.trainable.values()),
-                "tensors": prep.trainable,
-            },
-        )
-        best = BestCheckpoint(recipe.train.best_metric) if recipe.train.best_metric else None
-        first_loss: list[float] = []
-        resume = None
-        if resumed:
-            checkpoint = latest_checkpoint(run.path)
-            assert checkpoint is not None  # find_resume chose this directory for its checkpoint
-            resume = _resume_state(backend, prep, checkpoint, best, first_loss)
-            _truncate_metrics(run.path / "metrics.jsonl", resume.step)
-        checkpointer = Checkpointer(backend, prep, run, signals, best, first_loss)
-        loop_callbacks: list[Callback] = [
-            signals,
-            MetricsFile(run.log_metrics, recipe.train.log_every),
-            Progress(
-                f"{recipe.name or 'train'} [{backend.name}]",
-                every=recipe.train.log_every,
-                bar=progress,
-                min_interval_s=0.0 if progress is not None else 5.0,
-            ),
-        ]
-        if best is not None:
-            loop_callbacks.append(KeepBest(backend, prep, best))
-        if recipe.train.early_stopping_patience and best is not None:
-            loop_callbacks.append(EarlyStopping(best.metric, recipe.train.early_stopping_patience))
-        loop_callbacks += [checkpointer, tracking, *callbacks]
-        tracking.start(resume.step if resume is not None else 0)
-        started = time.perf_counter()
-        records, state = train(backend, prep, loop_callbacks, full_eval=best is not None, resume=resume)
-        seconds = time.perf_counter() - started
-        if signals.received is not None:
-            raise RunInterrupted(signals.received, state.step, checkpointer.last_path)
-        evaluation = evaluate(backend, prep)
-        metrics = evaluation.metrics
-        run.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
-        tracking.log_eval({"step": state.step, "epoch": state.epoch, **metrics})
-        selected = state.step
-        if (
-            best is not None
-            and best.value is not None
-            and best.state is not None
-            and better(best.metric, best.value, metrics[best.metric])
-        ):
-            log.info(
-                "keeping the adapter of step %d: %s %.4f (last step: %.4f)",
-                best.step,
-                best.metric,
-                best.value,
-                metrics[best.metric],
+    """The run inside its directory, as named steps."""
+    with _RunLog(run.path / "run.log"):
+        for note in plan.notes + ([plan.changed] if plan.changed else []):
+            log.warning("%s", note)
+        tracking = Tracking(recipe, run.path, run.target, backend.name, backend.device)  # train.report_to
+        try:
+            prep = _start(run, plan, recipe, backend)
+            best = BestCheckpoint(recipe.train.best_metric) if recipe.train.best_metric else None
+            first_loss: list[float] = []
+            resume = _restore(run, plan, backend, prep, best, first_loss)
+            checkpointer = Checkpointer(
+                backend,
+                prep,
+                run,
+                signals,
+                best,
+                first_loss,
+                continuation(recipe, plan.data or {}, backend.world()[1]),
             )
-            backend.assign_trainable(prep.model, best.state)
-            evaluation = evaluate(backend, prep)
-            metrics = evaluation.metrics
-            selected = best.step if best.step is not None else selected
-        backend.save(prep.model, run.path / "adapter", recipe.peft)
-        write_evaluation(run.path, evaluation)
-        final = {
-            "backend": backend.name,
-            "device": backend.device,
-            "steps": state.step,
-            "first_loss": first_loss[0] if first_loss else None,
-            "last_loss": records[-1]["loss"] if records else None,
-            "selected_step": selected,
-            "best_metric": recipe.train.best_metric,
-            "stopped_early": bool(state.stop),
-            "resumed": resumed,
-            "train_seconds": seconds,
-            "trainable_parameters": sum(prep.trainable.values()),
-            "total_parameters": prep.total_params,
-            "peak_rss_mb": peak_rss_mb(),
-            "peak_device_memory_mb": backend.peak_device_memory_mb(),
-            "compile_seconds": backend.compile_seconds(prep.model),
-            "precision": recipe.train.precision,
-            "skipped_steps": state.skipped_steps,
-            **metrics,
-        }
-        write_json(run.path / "final_metrics.json", final)
-        log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        plot_curves([run.path], run.path / "loss_curve.png", labels=[run.target.name])
-        tracking.finish(final, run.path)
-    except BaseException as err:
-        tracking.close(failed=True)
-        log.debug("run failed: %s: %s", type(err).__name__, err)
-        handler.emit(
-            logging.LogRecord(
-                "dualtune", logging.ERROR, __file__, 0, "run failed: %s: %s", (type(err).__name__, err), None
+            loop = _loop_callbacks(recipe, backend, prep, run, progress, signals, best, checkpointer)
+            tracking.start(resume.step if resume is not None else 0)
+            started = time.perf_counter()
+            records, state = train(
+                backend, prep, [*loop, tracking, *callbacks], full_eval=best is not None, resume=resume
             )
-        )
-        raise
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+            seconds = time.perf_counter() - started
+            if signals.received is not None:
+                raise RunInterrupted(signals.received, state.step, checkpointer.last_path)
+            evaluation, selected = _final_evaluation(run, backend, prep, best, state, tracking)
+            _write_results(
+                run, plan, backend, prep, evaluation, state, records, selected, first_loss, seconds, tracking
+            )
+        except BaseException:
+            tracking.close(failed=True)
+            raise
+
+
+def _start(run: RunDir, plan: RunPlan, recipe: Recipe, backend: Backend) -> Prepared:
+    """Mark the run, write what it is (recipe.yaml with the classes the data gave, data.json), and
+    prepare data and model."""
+    if plan.source is None:
+        run.mark("running", recipe=recipe.name, backend=backend.name, dualtune=__version__)
+    else:
+        run.mark("running", backend=backend.name)  # a resume may continue on the other stack
+    effective = recipe
+    if not recipe.data.label_names and plan.data is not None:
+        effective = recipe.model_copy(deep=True)
+        effective.data.label_names = list(plan.data["label_names"])
+    write_atomic(run.path / "recipe.yaml", effective.to_yaml())
+    write_json(run.path / "data.json", plan.data)  # what it trained on, for report and a resume
+    prep = prepare(recipe, backend)
+    if (
+        recipe.train.save_initial and plan.source is None
+    ):  # exact: another run starts from it (peft.init_from)
+        backend.save(prep.model, run.path / "adapter_init", recipe.peft, exact=True)
+    if recipe.train.dump_activations and plan.source is None:
+        _dump_activations(backend, prep, run.path / "activations.safetensors")
+    write_json(
+        run.path / "trainable.json",
+        {
+            "method": recipe.peft.method,
+            "total": prep.total_params,
+            "trainable": sum(prep.trainable.values()),
+            "tensors": prep.trainable,
+        },
+    )
+    return prep
+
+
+def _restore(
+    run: RunDir,
+    plan: RunPlan,
+    backend: Backend,
+    prep: Prepared,
+    best: BestCheckpoint | None,
+    first_loss: list[float],
+) -> Resume | None:
+    """On --resume: the plan's checkpoint (now in this run's directory) loaded, metrics.jsonl as of
+    it, and later checkpoints (damaged ones passed over) cleared: the run retrains that stretch."""
+    if plan.checkpoint is None:
+        return None
+    checkpoint = run.path / CHECKPOINTS / plan.checkpoint.name
+    resume = _resume_state(backend, prep, checkpoint, best, first_loss)
+    discard_checkpoints_after(run.path, checkpoint_step(checkpoint))
+    extending = plan.source is not None and plan.source.resolve() == plan.target.resolve()
+    _truncate_metrics(run.path / "metrics.jsonl", plan.state, extending)
+    return resume
+
+
+def _loop_callbacks(
+    recipe: Recipe,
+    backend: Backend,
+    prep: Prepared,
+    run: RunDir,
+    progress: bool | None,
+    signals: SignalStop,
+    best: BestCheckpoint | None,
+    checkpointer: Checkpointer,
+) -> list[Callback]:
+    """dualtune's own loop callbacks, in their order (signals first, checkpoints after what they save)."""
+    loop: list[Callback] = [
+        signals,
+        MetricsFile(run.log_metrics, recipe.train.log_every),
+        Progress(
+            f"{recipe.name or 'train'} [{backend.name}]",
+            every=recipe.train.log_every,
+            bar=progress,
+            min_interval_s=0.0 if progress is not None else 5.0,
+        ),
+    ]
+    if best is not None:
+        loop.append(KeepBest(backend, prep, best))
+    if recipe.train.early_stopping_patience and best is not None:
+        loop.append(EarlyStopping(best.metric, recipe.train.early_stopping_patience))
+    return [*loop, checkpointer]
+
+
+def _final_evaluation(
+    run: RunDir,
+    backend: Backend,
+    prep: Prepared,
+    best: BestCheckpoint | None,
+    state: LoopState,
+    tracking: Tracking,
+) -> tuple[Any, int]:
+    """The last step's evaluation (logged), then the best step's adapter swapped in if it was better;
+    returns the evaluation of the adapter kept and its step."""
+    evaluation = evaluate(backend, prep)
+    metrics = evaluation.metrics
+    run.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
+    tracking.log_eval({"step": state.step, "epoch": state.epoch, **metrics})
+    fault_point("final-eval")
+    if (
+        best is None
+        or best.value is None
+        or best.state is None
+        or best.step is None
+        or not better(best.metric, best.value, metrics[best.metric])
+    ):
+        return evaluation, state.step
+    log.info(
+        "keeping the adapter of step %d: %s %.4f (last step: %.4f)",
+        best.step,
+        best.metric,
+        best.value,
+        metrics[best.metric],
+    )
+    backend.assign_trainable(prep.model, best.state)
+    fault_point("best-swap")
+    return evaluate(backend, prep), best.step
+
+
+def _write_results(
+    run: RunDir,
+    plan: RunPlan,
+    backend: Backend,
+    prep: Prepared,
+    evaluation: Any,
+    state: LoopState,
+    records: list[dict],
+    selected: int,
+    first_loss: list[float],
+    seconds: float,
+    tracking: Tracking,
+) -> None:
+    """The adapter, predictions and report, final_metrics.json, the loss curve, the trackers' end."""
+    recipe, metrics = prep.recipe, evaluation.metrics
+    backend.save(prep.model, run.path / "adapter", recipe.peft)
+    write_evaluation(run.path, evaluation)
+    fault_point("final-files")
+    final = {
+        "backend": backend.name,
+        "device": backend.device,
+        "steps": state.step,
+        "first_loss": first_loss[0] if first_loss else None,
+        "last_loss": records[-1]["loss"] if records else plan.state.get("last_loss"),
+        "selected_step": selected,
+        "best_metric": recipe.train.best_metric,
+        "stopped_early": bool(state.stop),
+        "resumed": plan.source is not None,
+        "train_seconds": seconds,
+        "trainable_parameters": sum(prep.trainable.values()),
+        "total_parameters": prep.total_params,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_memory_mb": backend.peak_device_memory_mb(),
+        "compile_seconds": backend.compile_seconds(prep.model),
+        "precision": recipe.train.precision,
+        "skipped_steps": state.skipped_steps,
+        **metrics,
+    }
+    write_json(run.path / "final_metrics.json", final)
+    log.info("final: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    plot_curves([run.path], run.path / "loss_curve.png", labels=[run.target.name])
+    tracking.finish(final, run.path)
+    fault_point("finished-files")
 
 
 def _dump_activations(backend: Backend, prep: Prepared, path: Path) -> None:
@@ -547,6 +567,9 @@ def check_finished(run_dir: str | Path, checkpoint: str | Path | None = None) ->
             raise RunDirError(
                 f"--checkpoint {path}: not a checkpoint (no state.json and trainable.safetensors)"
             )
+        why = damage(path)
+        if why is not None:
+            raise RunDirError(f"--checkpoint {path}: damaged ({why}); choose another of its checkpoints")
         return run_dir
     marker = read_marker(run_dir)
     if marker is None and not (run_dir / "final_metrics.json").is_file():
@@ -601,8 +624,6 @@ def evaluate_run(
 
 __all__ = [
     "check_finished",
-    "check_output",
     "evaluate_run",
-    "output_dir",
     "run_recipe",
 ]

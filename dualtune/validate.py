@@ -33,6 +33,8 @@ from dualtune import data as datamap
 from dualtune.backend import check_precision, default_backend, framework
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
 from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
+from dualtune.rundir import RunPlan, plan_run
+from dualtune.tracking import check_trackers
 
 # An eval split smaller than this gives metrics that move by whole percent per row.
 SMALL_EVAL = 20
@@ -65,6 +67,7 @@ class Plan:
     model_parameters: int | None = None  # from the weights file's header
     max_positions: int | None = None
     warnings: list[str] = field(default_factory=list)
+    run: RunPlan | None = None  # where it writes and what it resumes (rundir.plan_run)
 
     def lines(self) -> list[str]:
         out = [
@@ -95,6 +98,9 @@ class Plan:
             out.append(f"model positions: {self.max_positions}")
         if self.model_parameters:
             out.append(f"base model parameters: {self.model_parameters:,} (its weights file)")
+        if self.run is not None and self.run.checkpoint is not None:
+            out.append(f"resume: from {self.run.checkpoint} (step {self.run.step})")
+            out += self.run.notes + ([self.run.changed] if self.run.changed else [])
         out += [f"warning: {w}" for w in self.warnings]
         return out
 
@@ -430,16 +436,19 @@ def validate(
     overwrite: bool = False,
     resume: str | Path | bool | None = None,
     check_out: bool = True,
+    processes: int | None = 1,
 ) -> Plan:
-    """Every check a run can make before its framework loads; returns the plan or raises a UserError."""
+    """Every check a run can make before its framework loads; returns the plan or raises a UserError.
+
+    ``check_out``: plan the output (``rundir.plan_run``: the target, --resume's checkpoint, and
+    that the resume continues that run on ``processes`` processes; None: not known here, the run
+    checks it); the run acts on that plan (``Plan.run``)."""
     backend = backend or default_backend()
     check_device(backend, device)
     check_precision(backend, device, recipe.train.precision)
-    target = None
-    if check_out:
-        from dualtune.runner import check_output
-
-        target = check_output(recipe, backend, output, overwrite, resume)
+    check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
+    run = plan_run(recipe, backend, output, overwrite, resume) if check_out else None
+    target = run.target if run is not None else None
     directory = model_dir(recipe.model.name_or_path)
     config = read_config(directory)
     weights = weight_names(directory)
@@ -448,6 +457,9 @@ def validate(
     rows = datamap.label_rows(raw, recipe.data)
     warnings: list[str] = []
     check_labels(recipe, raw, rows, warnings)
+    if run is not None:
+        run.data = datamap.fingerprint(rows, recipe.data)
+        run.check_continuation(recipe, processes)
     train_rows, eval_rows = datamap.split_rows(rows, recipe.data.train_split, recipe.data.seed)
     names = rows.label_names
     counts = {
@@ -481,6 +493,7 @@ def validate(
         epochs=total / per_epoch,
         eval_points=_eval_points(recipe, per_epoch, total),
         warnings=warnings,
+        run=run,
     )
     if weights:
         plan.model_parameters = int(sum(int(np.prod(s)) for s in weights.values()))

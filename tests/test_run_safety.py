@@ -58,7 +58,7 @@ class Cli:
         logs.mkdir(parents=True, exist_ok=True)
         self.n = 0
 
-    def start(self, *args: str, umask: int | None = None) -> subprocess.Popen:
+    def start(self, *args: str, umask: int | None = None, env: dict | None = None) -> subprocess.Popen:
         self.n += 1
         err = open(self.logs / f"{self.n}.stderr", "w+")
         preexec = (lambda: os.umask(umask)) if umask is not None else None
@@ -67,15 +67,16 @@ class Cli:
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
-            env=CLI_ENV,
+            env={**CLI_ENV, **(env or {})},
             cwd=REPO,
             preexec_fn=preexec,
         )
         proc.err_file = err
         return proc
 
-    def run(self, out: Path, *extra: str, umask: int | None = None) -> subprocess.Popen:
-        return self.start(
+    def args(self, out: Path, *extra: str) -> list[str]:
+        """``dualtune run`` of the recipe into ``out``, with the base overrides and ``extra``."""
+        return [
             "run",
             RECIPE,
             "--backend",
@@ -85,8 +86,12 @@ class Cli:
             "--no-progress",
             *self.base,
             *extra,
-            umask=umask,
-        )
+        ]
+
+    def run(
+        self, out: Path, *extra: str, umask: int | None = None, env: dict | None = None
+    ) -> subprocess.Popen:
+        return self.start(*self.args(out, *extra), umask=umask, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:

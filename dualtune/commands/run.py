@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from dualtune.backend import default_backend, framework, frameworks, launched_rank
 from dualtune.commands.common import backend_args, recipe_args
@@ -74,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from dualtune.backend import get_backend
     from dualtune.recipe import load_recipe
-    from dualtune.runner import check_output, run_recipe
+    from dualtune.runner import run_recipe
     from dualtune.validate import validate
 
     fw = framework(args.backend)
@@ -89,14 +88,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     # Everything checkable (output, data, labels, lengths, device) is checked before a framework
     # loads: a refusal costs a second and leaves no run directory.
-    plan = validate(recipe, args.backend, args.device, args.output_dir, args.overwrite, args.resume)
+    # (launched as process 0, this one does not know the others yet: the run checks the step batch)
+    processes = args.nproc if rank is None else None
+    plan = validate(
+        recipe, args.backend, args.device, args.output_dir, args.overwrite, args.resume, processes=processes
+    )
     for warning in plan.warnings:
         log.warning("%s", warning)
-    out = (
-        Path(plan.output)
-        if plan.output
-        else check_output(recipe, args.backend, args.output_dir, args.overwrite, args.resume)
-    )
+    assert plan.run is not None  # validate planned the output
+    out = plan.run.target
     if args.nproc > 1 and rank is None:
         return fw.launch(args.nproc, _without_nproc(args.argv), out)
     backend = get_backend(args.backend, args.device)
@@ -106,8 +106,7 @@ def main(args: argparse.Namespace) -> int:
         backend,
         out,
         progress=False if args.no_progress else None,
-        overwrite=args.overwrite,
-        resume=args.resume,
+        plan=plan.run,
     )
     log.info("run directory: %s", out)
     return 0
