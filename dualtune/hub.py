@@ -158,12 +158,19 @@ def _zipped(name_or_path: str, package_dir: Path, relative: Path) -> ZippedModel
     parts = [whole] if whole.is_file() else _split_parts(package_dir, relative)
     if not parts:
         return None
-    numbers = [int(PART.search(p.name).group(1)) for p in parts] if parts[0] != whole else [1]  # type: ignore[union-attr]
-    if numbers != list(range(1, len(parts) + 1)):
-        raise BackendError(
-            f"model {name_or_path!r}: split parts {', '.join(f'{n:03d}' for n in numbers)} found; "
-            f"expected 001 to {len(parts):03d} once each (a part package is missing or doubled)"
-        )
+    if parts[0] != whole:
+        numbers = [int(PART.search(p.name).group(1)) for p in parts]  # type: ignore[union-attr]
+        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+        doubled = sorted({n for n in numbers if numbers.count(n) > 1})
+        if missing or doubled:
+            found = ", ".join(f"{n:03d}" for n in numbers)
+            why = (
+                f"part {', '.join(f'{n:03d}' for n in missing)} missing (install its package)"
+                if missing
+                else f"part {', '.join(f'{n:03d}' for n in doubled)} found twice: "
+                + ", ".join(str(p) for p in parts if int(PART.search(p.name).group(1)) in doubled)  # type: ignore[union-attr]
+            )
+            raise BackendError(f"model {name_or_path!r}: split zip parts {found} found; {why}")
     # The cache key: every part's name and size, and the zip's central directory (the end of the
     # last part: each member's name, size and CRC), so another model or version unpacks apart.
     key = hashlib.sha256()
