@@ -81,3 +81,32 @@ def test_report_anchors_cli(tmp_path):
     proc = dualtune_cli("report", str(other), "--anchors", check=False)
     assert proc.returncode == 2
     assert "no run reads a data set with published numbers" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_two_classes_report_the_positive_class_f1(tiny_bert, tmp_path):
+    """final metrics' ``f1`` is scikit-learn's binary F1 of the second label (evaluate's "f1"); three
+    classes have none."""
+    from sklearn.metrics import f1_score
+
+    from dualtune import synthetic
+    from dualtune.data import write_jsonl
+    from dualtune.evaluation import evaluate
+    from helpers import prepared
+    from torch_helpers import torch_backend
+
+    rows = [r for r in synthetic.generate(rows=150, seed=1) if r["label"] != "neutral"]
+    write_jsonl(rows, tmp_path / "two.jsonl")
+    backend = torch_backend()
+    prep = prepared(
+        backend,
+        "minilm_demo.yaml",
+        f"model.name_or_path={tiny_bert}",
+        f"data.source={tmp_path / 'two.jsonl'}",
+        "data.max_rows=null",
+        "data.label_names=[negative,positive]",
+    )
+    result = evaluate(backend, prep)
+    gold = [p["label"] for p in result.predictions]
+    pred = [p["pred"] for p in result.predictions]
+    assert result.metrics["f1"] == pytest.approx(f1_score(gold, pred, pos_label="positive"), abs=1e-12)
+    assert result.metrics["f1"] != pytest.approx(result.metrics["f1_macro"])
