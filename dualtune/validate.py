@@ -391,9 +391,10 @@ def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, 
         virtual = getattr(recipe.peft, recipe.peft.method).num_virtual_tokens
     if limit is not None and spec.max_length + virtual > limit:
         plus = f" + {virtual} virtual tokens ({recipe.peft.method})" if virtual else ""
+        where = "its GGUF metadata" if recipe.model.name_or_path.endswith(".gguf") else "config.json"
         raise RecipeError(
             f"data.max_length {spec.max_length}{plus}: above the {limit} positions of "
-            f"{recipe.model.name_or_path} (config.json); set data.max_length to at most "
+            f"{recipe.model.name_or_path} ({where}); set data.max_length to at most "
             f"{limit - virtual}"
         )
     if tok is None:

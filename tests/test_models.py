@@ -167,7 +167,7 @@ def test_validate_reads_a_gguf_files_positions_and_size(tiny_gguf, fin_data):
     proc = dualtune_cli(*args, "data.max_length=300", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"dualtune: error: data.max_length 300: above the 256 positions of {path} (config.json); "
+        f"dualtune: error: data.max_length 300: above the 256 positions of {path} (its GGUF metadata); "
         f"set data.max_length to at most 256"
     ]
 
