@@ -112,6 +112,10 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
             metrics["exact_match"] = float(np.mean([p["generated"] == p["label"] for p in predictions]))
     report = classification_summary(prep, predictions)
     metrics.update({k: report[k] for k in metricsmod.AVERAGES})
+    if len(prep.label_names) == 2:
+        # Two classes: the second label's F1 (id 1, the positive class), which is what `evaluate`'s
+        # "f1" and scikit-learn's binary average report; the macro average stays beside it.
+        metrics["f1"] = report["per_class"][prep.label_names[1]]["f1"]
     majority = Counter(prep.train_set.labels).most_common(1)[0][0]
     metrics["majority_class_accuracy"] = float(np.mean([label == majority for label in eval_set.labels]))
     return Evaluation(metrics, predictions, report)

@@ -222,3 +222,67 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, labels: list[str] |
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+# ---------------------------------------------------------------- published numbers (--anchors)
+
+
+def _table(headers: list[str], cells: list[list[str]], fmt: str, numbers_from: int) -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([headers, *cells])
+        return buf.getvalue().rstrip("\n")
+    if fmt == "markdown":
+        rule = "|" + "|".join("---:" if i >= numbers_from else "---" for i in range(len(headers))) + "|"
+        return "\n".join(
+            ["| " + " | ".join(r) + " |" for r in [headers]]
+            + [rule]
+            + ["| " + " | ".join(r) + " |" for r in cells]
+        )
+    widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
+    line = lambda values: "  ".join(  # noqa: E731
+        v.ljust(w) if i < numbers_from else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
+    ).rstrip()
+    return "\n".join(line(r) for r in [headers, *cells])
+
+
+def anchor_report(run_dirs: list[str | Path], dataset: str | None = None, fmt: str = "text") -> str:
+    """Each run's numbers beside the published ones for its data set (``dualtune.anchors``): one
+    table per data set, a column per run (its value of each anchor's metric, and its eval rows).
+    ``dataset`` names the data set for every run; None finds it from each run's recipe."""
+    from dualtune.anchors import DATASETS, anchors_for, dataset_of
+
+    groups: dict[str, list[tuple[str, dict, int | None]]] = {}
+    if dataset is not None:
+        anchors_for(dataset)  # an unknown name is refused before any run is read
+    for d in run_dirs:
+        run_dir = Path(d)
+        run_row(run_dir)  # a finished run, or one clear line
+        recipe = _read(run_dir / "recipe.yaml", yaml.safe_load)
+        final = _read(run_dir / "final_metrics.json", json.loads)
+        key = dataset or dataset_of(recipe.get("data") or {})
+        if key is None:
+            continue
+        report_file = run_dir / "classification_report.json"
+        n_eval = _read(report_file, json.loads).get("n") if report_file.is_file() else None
+        groups.setdefault(key, []).append((run_dir.resolve().name, final, n_eval))
+    if not groups:
+        raise RunDirError(
+            f"no run reads a data set with published numbers (known: {', '.join(DATASETS)}); "
+            f"name its data set with --anchors DATASET"
+        )
+    out = []
+    for key, runs in groups.items():
+        headers = ["source", "model", "method", "protocol", "metric", "published"] + [
+            f"{name} ({n} eval rows)" if n else name for name, _, n in runs
+        ]
+        cells = []
+        for a in anchors_for(key):
+            values = [final.get(a.metric) for _, final, _ in runs]
+            cells.append(
+                [a.source, a.model, a.method, a.split, a.metric, f"{a.value:.4f}"]
+                + ["-" if v is None else f"{v:.4f}" for v in values]
+            )
+        title = f"published numbers: {DATASETS[key]}"
+        out.append((title + "\n" if fmt != "csv" else "") + _table(headers, cells, fmt, numbers_from=5))
+    return "\n\n".join(out)

@@ -48,7 +48,7 @@ def tiny_tokenizer(texts: Sequence[str], decoder: bool = False):
 
 
 def tiny_config(kind: str, tokenizer):
-    from transformers import BertConfig, LlamaConfig, T5Config
+    from transformers import BertConfig, LlamaConfig, MPNetConfig, T5Config
 
     vocab_size = len(tokenizer)
     if kind == "t5":
@@ -76,6 +76,16 @@ def tiny_config(kind: str, tokenizer):
             max_position_embeddings=256,
             pad_token_id=0,
         )
+    if kind == "mpnet":  # all-mpnet-base-v2's architecture (positions start after the pad id, as RoBERTa's)
+        return MPNetConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256 + 1,
+            pad_token_id=0,
+        )
     if kind == "llama":
         return LlamaConfig(
             vocab_size=vocab_size,
@@ -93,4 +103,4 @@ def tiny_config(kind: str, tokenizer):
     raise ValueError(f"unknown tiny model kind {kind!r}: expected {', '.join(TINY_KINDS)}")
 
 
-TINY_KINDS = ("t5", "bert", "llama")
+TINY_KINDS = ("t5", "bert", "llama", "mpnet")

@@ -112,9 +112,14 @@ def model_dir(name_or_path: str) -> Path | None:
     """The model's local directory: a path, ``pkg:``, or the hub cache's snapshot; None if not here."""
     from dualtune.hub import resolve_model_path
 
-    path = Path(resolve_model_path(name_or_path)).expanduser()
+    # A zip not yet unpacked resolves to its cache folder, absent: unpacking is the run's work.
+    path = Path(resolve_model_path(name_or_path, unpack=False)).expanduser()
     if path.is_dir():
         return path
+    if path.name.endswith(".gguf") or gguf_file(name_or_path) is not None:
+        return None  # a GGUF file: gguf_file() checks it, read_gguf() reads it
+    if name_or_path.startswith("pkg:"):
+        return None  # a zipped model, unpacked on the first run
     if path.exists():
         raise BackendError(f"model.name_or_path {name_or_path}: a file, not a model directory")
     if name_or_path.startswith(("/", "./", "../", "~")):
@@ -126,6 +131,41 @@ def model_dir(name_or_path: str) -> Path | None:
     except Exception:  # not a valid repo id, or no cache: the backend says what is wrong
         return None
     return Path(found).parent if isinstance(found, str) else None
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file ``name_or_path`` names (checked: it exists, and ``gguf`` can read it), or None."""
+    from dualtune.hub import require_gguf, resolve_model_path
+
+    if not name_or_path.endswith(".gguf"):
+        return None
+    path = Path(resolve_model_path(name_or_path)).expanduser()
+    if not path.is_file():
+        raise BackendError(f"model.name_or_path {name_or_path}: no such GGUF file")
+    require_gguf(name_or_path)
+    return path
+
+
+def read_gguf(path: Path) -> tuple[dict, int]:
+    """A config.json-like mapping (model_type, max_position_embeddings) and the parameter count,
+    from a GGUF file's metadata and tensor table (numpy only: no framework)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # gguf raises ValueError, struct.error, ... on a damaged file
+        raise BackendError(f"{path}: not a readable GGUF file ({str(err).splitlines()[0][:120]})") from None
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    config: dict = {"model_type": arch}
+    positions = value(f"{arch}.context_length")
+    if isinstance(positions, int):
+        config["max_position_embeddings"] = positions
+    return config, int(sum(int(t.n_elements) for t in reader.tensors))
 
 
 def read_config(directory: Path | None) -> dict | None:
@@ -357,15 +397,19 @@ def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, 
         virtual = getattr(recipe.peft, recipe.peft.method).num_virtual_tokens
     if limit is not None and spec.max_length + virtual > limit:
         plus = f" + {virtual} virtual tokens ({recipe.peft.method})" if virtual else ""
+        where = "its GGUF metadata" if recipe.model.name_or_path.endswith(".gguf") else "config.json"
         raise RecipeError(
             f"data.max_length {spec.max_length}{plus}: above the {limit} positions of "
-            f"{recipe.model.name_or_path} (config.json); set data.max_length to at most "
+            f"{recipe.model.name_or_path} ({where}); set data.max_length to at most "
             f"{limit - virtual}"
         )
     if tok is None:
-        plan.warnings.append(
-            f"{recipe.model.name_or_path}: no tokenizer.json; token counts and label words not checked"
+        what = (
+            "a GGUF file (its tokenizer is built when it loads)"
+            if recipe.model.name_or_path.endswith(".gguf")
+            else "no tokenizer.json"
         )
+        plan.warnings.append(f"{recipe.model.name_or_path}: {what}; token counts and label words not checked")
         return
     special = len(tok.encode("").ids)
     if spec.max_length <= special:
@@ -452,6 +496,9 @@ def validate(
     directory = model_dir(recipe.model.name_or_path)
     config = read_config(directory)
     weights = weight_names(directory)
+    gguf, gguf_parameters = gguf_file(recipe.model.name_or_path), None
+    if gguf is not None:
+        config, gguf_parameters = read_gguf(gguf)
 
     raw = datamap.read_raw(recipe.data)
     rows = datamap.label_rows(raw, recipe.data)
@@ -497,7 +544,15 @@ def validate(
     )
     if weights:
         plan.model_parameters = int(sum(int(np.prod(s)) for s in weights.values()))
-    if directory is None:
+    if gguf is not None:
+        plan.model_parameters = gguf_parameters
+        check_lengths(recipe, config, None, rows, plan)
+    elif directory is None and recipe.model.name_or_path.startswith("pkg:"):
+        plan.warnings.append(
+            f"model {recipe.model.name_or_path}: a zipped model, unpacked into the cache on the first "
+            f"run; lengths and label words not checked"
+        )
+    elif directory is None:
         plan.warnings.append(
             f"model {recipe.model.name_or_path}: not on this machine (nor in the hub cache); "
             f"lengths and label words not checked"

@@ -27,6 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also write the runs' curves to one PNG: train loss per step, eval loss and the "
         "judged metric at each evaluation (from each run's metrics.jsonl)",
     )
+    rep.add_argument(
+        "--anchors",
+        nargs="?",
+        const="auto",
+        metavar="DATASET",
+        help="also print the published numbers for the runs' data set (the same data and protocol: "
+        "source, model, method, eval split, metric) beside each run's value; the data set is found "
+        "from each recipe's data.source, or named: financial_phrasebank/sentences_allagree, "
+        "financial_phrasebank/sentences_50agree, disaster_tweets",
+    )
     return rep
 
 
@@ -34,6 +44,12 @@ def main(args: argparse.Namespace) -> int:
     from dualtune.report import report
 
     print(report(args.run_dirs, args.format))
+    if args.anchors:
+        from dualtune.report import anchor_report
+
+        dataset = None if args.anchors == "auto" else args.anchors
+        print()
+        print(anchor_report(args.run_dirs, dataset, args.format))
     if args.plot:
         from dualtune.report import plot_curves
 

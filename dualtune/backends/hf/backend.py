@@ -31,7 +31,7 @@ from dualtune.backends.hf.methods import (
     peft_config,
     read_bitfit_config,
 )
-from dualtune.hub import model_not_found, resolve_model_path
+from dualtune.hub import model_not_found, model_source
 from dualtune.recipe import PEFT_LIBRARY_METHODS
 
 log = logging.getLogger("dualtune")
@@ -39,6 +39,55 @@ log = logging.getLogger("dualtune")
 # Every trainable tensor by name, written beside an adapter saved as a starting point: peft saves
 # p-tuning's (and projected prefixes') virtual tokens after their encoder, which cannot restart training.
 TRAINABLE_STATE = "trainable_state.safetensors"
+
+
+def gguf_tokenizer_settings(path: str) -> dict:
+    """The tokenizer facts a GGUF file's metadata states: special tokens by role and whether
+    BOS/EOS are added (``tokenizer.ggml.*``); a role the file does not state is absent."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+
+    def value(key: str) -> Any:
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else field.contents()
+
+    tokens = value("tokens") or []
+    settings: dict = {}
+    for role, key in (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("pad", "padding_token_id"),
+    ):
+        index = value(key)
+        if isinstance(index, int) and 0 <= index < len(tokens):
+            settings[f"{role}_token"] = tokens[index]
+    for key in ("add_bos_token", "add_eos_token"):
+        if value(key) is not None:
+            settings[key] = bool(value(key))
+    return settings
+
+
+def correct_gguf_tokenizer(tok: Any, path: str) -> None:
+    """transformers 4.57's GGUF tokenizer swaps BOS for EOS (SmolLM2: eos ``<|im_start|>``) and
+    ignores ``add_bos_token``; the file's metadata says what the model was trained with."""
+    settings = gguf_tokenizer_settings(path)
+    for role in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        if role in settings:
+            setattr(tok, role, settings[role])
+    for key in ("add_bos_token", "add_eos_token"):
+        if key in settings and hasattr(tok, key):
+            setattr(tok, key, settings[key])  # LlamaTokenizerFast rebuilds its post-processor
+    ids = tok("a")["input_ids"]
+    if (
+        settings.get("add_bos_token") is False
+        and tok.bos_token_id is not None
+        and ids[:1] == [tok.bos_token_id]
+    ):
+        raise BackendError(
+            f"{path}: the tokenizer adds BOS, which the file says it must not, and cannot be told"
+        )
 
 
 class HFBackend(Backend):
@@ -78,11 +127,13 @@ class HFBackend(Backend):
 
     # -- model
     def load_tokenizer(self, model_spec: Any) -> Any:
-        path = resolve_model_path(model_spec.name_or_path)
+        source = model_source(model_spec.name_or_path)
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(path)
+            tok = transformers.AutoTokenizer.from_pretrained(source.directory, **source.pretrained_kwargs())
         except OSError as err:
             raise model_not_found(model_spec.name_or_path, err) from None
+        if source.gguf_file:
+            correct_gguf_tokenizer(tok, source.path)
         if tok.pad_token is None:
             if not model_spec.pad_token_as_eos:
                 raise BackendError(
@@ -93,13 +144,15 @@ class HFBackend(Backend):
         return tok
 
     def load_model(self, model_spec: Any, label_names: Sequence[str], tokenizer: Any) -> Any:
-        path = resolve_model_path(model_spec.name_or_path)
+        source = model_source(model_spec.name_or_path)
+        path, gguf = source.directory, source.pretrained_kwargs()
         try:
             if model_spec.task == "seq2seq":
-                model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
+                model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, **gguf)
             else:
                 model = transformers.AutoModelForSequenceClassification.from_pretrained(
                     path,
+                    **gguf,
                     num_labels=len(label_names),
                     id2label=dict(enumerate(label_names)),
                     label2id={n: i for i, n in enumerate(label_names)},

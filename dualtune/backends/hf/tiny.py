@@ -10,7 +10,12 @@ import transformers
 
 from dualtune.tiny import tiny_config, tiny_tokenizer
 
-MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "bert": "BertModel", "llama": "LlamaForCausalLM"}
+MODEL_CLASSES = {
+    "t5": "T5ForConditionalGeneration",
+    "bert": "BertModel",
+    "llama": "LlamaForCausalLM",
+    "mpnet": "MPNetModel",
+}
 
 
 def write_tiny_model(kind: str, directory: str | Path, vocab_texts: Sequence[str]) -> None:
