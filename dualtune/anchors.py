@@ -4,6 +4,7 @@ protocol, another model or method. A run is matched to its data set by its recip
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +30,16 @@ DATASETS = {
     "disaster_tweets": "disaster tweets (Kaggle nlp-getting-started train.csv, 7,613 rows)",
 }
 
-PEFT_NOTEBOOKS = "HF peft example notebooks"
-BLOG = "HF blog: LoRA for sequence classification with RoBERTa, Llama and Mistral"
-FINBERT = "FinBERT (Araci 2019)"
-ANCHORS = (
-    Anchor("financial_phrasebank/sentences_allagree", PEFT_NOTEBOOKS, "t5-large", "prefix", "227 eval rows (10 %)", "accuracy", 0.969),
-    Anchor("financial_phrasebank/sentences_allagree", PEFT_NOTEBOOKS, "mt0-large", "lora", "227 eval rows (10 %)", "accuracy", 0.974),
-    Anchor("financial_phrasebank/sentences_allagree", PEFT_NOTEBOOKS, "mt0-large", "ia3", "227 eval rows (10 %)", "accuracy", 0.969),
-    Anchor("financial_phrasebank/sentences_allagree", PEFT_NOTEBOOKS, "t5-large", "prompt", "227 eval rows (10 %)", "accuracy", 0.855),
-    Anchor("financial_phrasebank/sentences_allagree", "mindnlp's port of the prefix notebook", "t5-large", "prefix", "226 eval rows (10 %)", "accuracy", 0.973),
-    Anchor("financial_phrasebank/sentences_allagree", FINBERT, "FinBERT", "none", "10-fold cross-validation", "accuracy", 0.97),
-    Anchor("financial_phrasebank/sentences_allagree", FINBERT, "FinBERT", "none", "10-fold cross-validation", "f1_macro", 0.95),
-    Anchor("financial_phrasebank/sentences_50agree", FINBERT, "FinBERT", "none", "10-fold cross-validation", "accuracy", 0.86),
-    Anchor("financial_phrasebank/sentences_50agree", FINBERT, "FinBERT", "none", "10-fold cross-validation", "f1_macro", 0.84),
-    Anchor("disaster_tweets", BLOG, "roberta-large", "lora", "1,523 eval rows (80/20, seed 42)", "f1", 0.8077),
-    Anchor("disaster_tweets", BLOG, "meta-llama/Llama-2-7b-hf", "lora", "1,523 eval rows (80/20, seed 42)", "f1", 0.7638),
-    Anchor("disaster_tweets", BLOG, "mistralai/Mistral-7B-v0.1", "lora", "1,523 eval rows (80/20, seed 42)", "f1", 0.7364),
-)  # fmt: skip
+# The published numbers themselves are data: dualtune/anchors.csv (one row per number, with its source).
+ANCHORS_FILE = Path(__file__).with_name("anchors.csv")
+
+
+def _read_anchors() -> tuple[Anchor, ...]:
+    with ANCHORS_FILE.open(newline="", encoding="utf-8") as f:
+        return tuple(Anchor(**{**row, "value": float(row["value"])}) for row in csv.DictReader(f))
+
+
+ANCHORS = _read_anchors()
 
 AGREEMENT = re.compile(r"(all|50|66|75)agree", re.IGNORECASE)
 

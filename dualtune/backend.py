@@ -318,7 +318,15 @@ def launched_rank() -> int | None:
 
 
 def check_precision(backend: str, device: str, precision: str) -> None:
-    """``train.precision`` must be one ``backend`` trains in: one line otherwise (before any model loads)."""
+    """``train.precision`` must be one ``backend`` trains in: one line otherwise (before any model loads).
+    A backend no framework package describes (a library user's own ``HFBackend``) trains in fp32 only."""
+    if backend not in backend_names():
+        if precision != "fp32":
+            raise BackendError(
+                f"train.precision {precision}: backend {backend!r} is not a registered framework "
+                "(dualtune/backends/<name>/descriptor.py); only fp32 is assumed"
+            )
+        return
     fw = framework(backend)
     if precision not in fw.precisions(device):
         raise BackendError(f"train.precision {precision}: {fw.precision_refusal(device, precision)}")

@@ -181,12 +181,17 @@ def test_recipe_name_defaults_to_file_stem_and_round_trips_through_yaml():
 
 # ---------------------------------------------------------------- the shipped recipes
 
+FPB = ["negative", "neutral", "positive"]
+DISASTER = ["not_disaster", "disaster"]
 EXPECTED_RECIPES = {
-    "t5_prefix": ("seq2seq", "prefix"),
-    "t5_lora": ("seq2seq", "lora"),
-    "t5_bitfit": ("seq2seq", "bitfit"),
-    "minilm_demo": ("classification", "lora"),
-    "minilm_fpb": ("classification", "lora"),
+    "t5_prefix": ("seq2seq", "prefix", FPB),
+    "t5_lora": ("seq2seq", "lora", FPB),
+    "t5_bitfit": ("seq2seq", "bitfit", FPB),
+    "minilm_demo": ("classification", "lora", FPB),
+    "minilm_fpb": ("classification", "lora", FPB),
+    "smollm2_fpb": ("classification", "lora", FPB),
+    "disaster_mpnet": ("classification", "lora", DISASTER),
+    "disaster_smollm2": ("classification", "lora", DISASTER),
 }
 
 
@@ -198,8 +203,7 @@ def test_recipes_directory_holds_the_shipped_recipes():
 def test_shipped_recipe_loads(name):
     r = load_recipe(RECIPES / f"{name}.yaml")
     assert isinstance(r, Recipe)
-    assert (r.model.task, r.peft.method) == EXPECTED_RECIPES[name]
-    assert r.data.label_names == ["negative", "neutral", "positive"]
+    assert (r.model.task, r.peft.method, r.data.label_names) == EXPECTED_RECIPES[name]
 
 
 def test_t5_bitfit_recipe_adds_biases_to_all_projections():

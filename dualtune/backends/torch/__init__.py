@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 from dualtune.backend import Backend, BackendError
@@ -24,6 +25,16 @@ def activate(device: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # Under torchrun: one process per device, gradients summed by gloo (CPU) or nccl (CUDA).
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # Torn down before the interpreter exits: a gloo group left to the C++ destructors at exit
+        # aborted a finished worker now and then ("terminate called without an active exception").
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def create(device: str = "cpu") -> Backend:
