@@ -36,7 +36,12 @@ ANCHORS_FILE = Path(__file__).with_name("anchors.csv")
 
 def _read_anchors() -> tuple[Anchor, ...]:
     with ANCHORS_FILE.open(newline="", encoding="utf-8") as f:
-        return tuple(Anchor(**{**row, "value": float(row["value"])}) for row in csv.DictReader(f))
+        return tuple(
+            Anchor(
+                r["dataset"], r["source"], r["model"], r["method"], r["split"], r["metric"], float(r["value"])
+            )
+            for r in csv.DictReader(f)
+        )
 
 
 ANCHORS = _read_anchors()
