@@ -4,6 +4,11 @@ guard, checkpoints, early stopping, trackers, benchmark clocks, and a library us
 A callback subclasses ``Callback`` and overrides the events it needs; each event gets the loop's
 ``LoopState`` (step, epoch, the model and optimizer, ``stop`` to end the run early) and the record
 the loop already has. Framework-free: a callback sees numbers, not tensors.
+
+A callback with state (early stopping's patience count, a tracker's run id) returns it from
+``state_dict()`` as JSON-able values; every checkpoint keeps it, under ``state_key``, and a resumed
+loop hands it back through ``load_state_dict`` before ``on_train_begin`` (Lightning's stateful
+callbacks): a resumed run behaves as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,10 +43,27 @@ class LoopState:
     stop_reason: str = ""
     last_eval: dict = field(default_factory=dict)
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed, so the update was skipped
+    train_seconds: float = 0.0  # the loop's own clock, from after on_train_begin to its last step
+    # every callback of the loop, for the one that writes checkpoints: their state_dict() goes in it
+    # and on_checkpoint is told of it
+    callbacks: CallbackList | None = None
 
 
 class Callback:
     """Override what you need; every event is optional."""
+
+    @property
+    def state_key(self) -> str:
+        """Where a checkpoint keeps this callback's ``state_dict``: its class name (two callbacks
+        of one class with state each need a key of their own)."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict | None:
+        """What a resumed run needs to carry on as if uninterrupted (JSON-able); None: nothing."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (a resume, before ``on_train_begin``)."""
 
     def on_train_begin(self, state: LoopState) -> None: ...
 
@@ -91,6 +113,24 @@ class CallbackList(Callback):
     def on_train_end(self, state, records):
         for c in self.callbacks:
             c.on_train_end(state, records)
+
+    def state_dict(self) -> dict:
+        """``{state_key: state}`` of every callback that has state."""
+        out: dict[str, dict] = {}
+        for c in self.callbacks:
+            state = c.state_dict()
+            if state is not None:
+                if c.state_key in out:
+                    raise ValueError(
+                        f"two callbacks keep their state under {c.state_key!r}: give one a state_key"
+                    )
+                out[c.state_key] = state
+        return out
+
+    def load_state_dict(self, states: dict) -> None:
+        for c in self.callbacks:
+            if c.state_key in states:
+                c.load_state_dict(states[c.state_key])
 
 
 class NanGuard(Callback):
@@ -178,6 +218,13 @@ class EarlyStopping(Callback):
         self.metric, self.patience = metric, patience
         self.best: float | None = None
         self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("metric") == self.metric:  # a resume that changed best_metric starts counting afresh
+            self.best, self.bad = state["best"], state["bad"]
 
     def on_evaluate(self, state, record):
         value = record[self.metric]

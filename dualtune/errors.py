@@ -38,3 +38,8 @@ class CompareError(UserError):
 
 class SweepError(UserError):
     """A sweep that cannot run as asked (storage, sweep directory, optuna missing, a worker failed)."""
+
+
+class TrackerError(UserError):
+    """An experiment tracker that cannot be reached or used (probed before training, or failing
+    mid-run with ``train.report_to_strict``)."""

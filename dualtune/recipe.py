@@ -227,6 +227,9 @@ class TrainSpec(_Strict):
     # W&B offline unless WANDB_MODE is set. A single name is a list of one.
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     tracking_project: str | None = None  # MLflow experiment and W&B project (default: the recipe's name)
+    # A tracker that fails mid-run: false (default) logs one warning and the run goes on without it
+    # (metrics.jsonl and the run directory are the record); true stops the run (its checkpoints stay).
+    report_to_strict: bool = False
 
     @model_validator(mode="before")
     @classmethod

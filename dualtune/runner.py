@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -167,6 +166,7 @@ class Checkpointer(Callback):
             "continuation": self.continued,
             "recipe": flat_recipe(r),  # a resume names the keys it changes
             "metrics_lines": self.run.metrics_lines(),  # metrics.jsonl as of this step, for a resume
+            "callbacks": state.callbacks.state_dict() if state.callbacks is not None else {},
         }
         protect = self.best.step if self.best is not None else None
         self.last_path = save_checkpoint(
@@ -175,6 +175,9 @@ class Checkpointer(Callback):
         self.last_step = state.step
         self.run.mark("running", step=state.step)
         log.debug("checkpoint at step %d: %s", state.step, self.last_path)
+        if state.callbacks is not None:
+            state.callbacks.on_checkpoint(state, self.last_path)
+        fault_point(f"checkpoint-{state.step}")
 
 
 def _resume_state(
@@ -217,6 +220,7 @@ def _resume_state(
         info["position"],
         optimizer,
         tensors.get("rng") if same_framework else None,
+        info.get("callbacks") or {},
     )
 
 
@@ -360,12 +364,11 @@ def _run_in(
                 continuation(recipe, plan.data or {}, backend.world()[1]),
             )
             loop = _loop_callbacks(recipe, backend, prep, run, progress, signals, best, checkpointer)
-            tracking.start(resume.step if resume is not None else 0)
-            started = time.perf_counter()
+            # the trackers start in on_train_begin, with their state restored (a resume continues its runs)
             records, state = train(
                 backend, prep, [*loop, tracking, *callbacks], full_eval=best is not None, resume=resume
             )
-            seconds = time.perf_counter() - started
+            seconds = state.train_seconds
             if signals.received is not None:
                 raise RunInterrupted(signals.received, state.step, checkpointer.last_path)
             evaluation, selected = _final_evaluation(run, backend, prep, best, state, tracking)

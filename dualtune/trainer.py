@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class Resume:
     position: int
     optimizer_state: dict[str, Any]
     rng_state: dict[str, np.ndarray] | None = None  # None: another framework wrote it
+    callbacks: dict[str, dict] = field(default_factory=dict)  # their state_dict()s, by state_key
 
 
 def epoch_order(prep: Prepared, epoch: int, world: int = 1) -> np.ndarray:
@@ -143,12 +144,14 @@ def train(
         steps_per_epoch=datamap.num_batches(len(prep.train_set), step_batch_size(r, world)),
         optimizer=backend.make_optimizer(prep.params, r.optim),
     )
+    state.callbacks = events
     records: list[dict] = []
     if resume is not None:
         backend.load_optimizer_state(state.optimizer, resume.optimizer_state)
         if resume.rng_state is not None:
             backend.set_rng_state(resume.rng_state)
         state.step, state.epoch, state.position = resume.step, resume.epoch, resume.position
+        events.load_state_dict(resume.callbacks)
     eval_every = r.train.eval_every if isinstance(r.train.eval_every, int) else None
     backend.set_training(prep.model, True)
     events.on_train_begin(state)
@@ -218,7 +221,8 @@ def train(
                     ", ".join(f"{k}={v:.4f}" for k, v in evaluation.metrics.items()),
                 )
                 events.on_evaluate(state, state.last_eval)
-    log.info("trained %d steps in %.1f s", state.step - first_step, time.perf_counter() - started)
+    state.train_seconds = time.perf_counter() - started
+    log.info("trained %d steps in %.1f s", state.step - first_step, state.train_seconds)
     if r.train.precision == "fp16":
         log.info(
             "fp16: %d of %d steps skipped (gradients overflowed; the loss scale adapts)",

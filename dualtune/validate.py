@@ -34,7 +34,7 @@ from dualtune.backend import check_precision, default_backend, framework
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
 from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
 from dualtune.rundir import RunPlan, plan_run
-from dualtune.tracking import check_trackers
+from dualtune.tracking import check_trackers, probe_trackers
 
 # An eval split smaller than this gives metrics that move by whole percent per row.
 SMALL_EVAL = 20
@@ -491,6 +491,7 @@ def validate(
     check_device(backend, device)
     check_precision(backend, device, recipe.train.precision)
     check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
+    probe_trackers(recipe)  # a tracker server that does not answer: one line, in seconds
     run = plan_run(recipe, backend, output, overwrite, resume) if check_out else None
     target = run.target if run is not None else None
     directory = model_dir(recipe.model.name_or_path)
