@@ -200,6 +200,7 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data):
         "adapter",
         "classification_report.json",
         "confusion_matrix.png",
+        "data.json",
         "final_metrics.json",
         "loss_curve.png",
         "metrics.jsonl",
