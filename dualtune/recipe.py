@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -164,14 +165,47 @@ TASK_METRICS = {
 }
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"got {value:g}, expected a number float32 can hold (at most 3.4e38)")
+    return value
+
+
+Float32 = Annotated[float, AfterValidator(_float32)]
+
+
 class OptimSpec(_Strict):
     """AdamW (decoupled weight decay, Loshchilov & Hutter), with optional global-norm clipping."""
 
-    lr: float = Field(gt=0.0)
+    # Every number must fit float32 (the parameters' and AdamW's state's type on both stacks).
+    lr: Float32 = Field(gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0.0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    grad_clip: float | None = Field(default=None, gt=0.0)
+    eps: Float32 = Field(default=1e-8, gt=0.0)
+    weight_decay: Float32 = Field(default=0.01, ge=0.0)
+    grad_clip: Float32 | None = Field(default=None, gt=0.0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(
+                f"got {list(betas)}, expected two numbers each in [0, 1) (AdamW's moment decays)"
+            )
+        return betas
+
+    @model_validator(mode="after")
+    def _update_fits_float32(self) -> OptimSpec:
+        # AdamW's first step moves by lr / (1 - beta1) (bias correction): a scalar both stacks hold
+        # in float32
+        if self.lr / (1.0 - self.betas[0]) > FLOAT32_MAX:
+            raise ValueError(
+                f"lr {self.lr:g} with betas[0] {self.betas[0]:g}: AdamW's first step size lr / (1 - betas[0]) = "
+                f"{self.lr / (1.0 - self.betas[0]):g} overflows float32; lower optim.lr"
+            )
+        return self
 
 
 class ScheduleSpec(_Strict):
@@ -199,7 +233,7 @@ class TrainSpec(_Strict):
     # "epoch" or every N optimizer steps (N >= 1: 0 would silently never evaluate)
     eval_every: Literal["epoch"] | Annotated[int, Field(ge=1)] = "epoch"
     seed: int = 42
-    output_dir: str = "runs/{recipe}-{backend}"
+    output_dir: str = "runs/{recipe}-{backend}"  # {recipe} and {backend} are filled in
     log_every: int = Field(default=1, ge=1)
     generate: bool = True  # seq2seq: also evaluate by generating label text
     dropout: bool = True  # false: every dropout off (backends cannot share dropout masks)
@@ -230,6 +264,27 @@ class TrainSpec(_Strict):
     # A tracker that fails mid-run: false (default) logs one warning and the run goes on without it
     # (metrics.jsonl and the run directory are the record); true stops the run (its checkpoints stay).
     report_to_strict: bool = False
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_template(cls, value: str) -> str:
+        import string
+
+        try:
+            fields = [
+                (name, spec, conv)
+                for _, name, spec, conv in string.Formatter().parse(value)
+                if name is not None
+            ]
+        except ValueError as err:
+            raise ValueError(f"got {value!r}: {err} (a literal brace is written {{{{ or }}}})") from None
+        for name, spec, conv in fields:
+            if name not in ("recipe", "backend") or spec or conv:
+                raise ValueError(
+                    f"got {value!r}: {{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} is not a "
+                    "field it fills in; expected {recipe} and {backend} only"
+                )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -141,6 +142,21 @@ def report(run_dirs: list[str | Path], fmt: str = "text") -> str:
     return format_rows([run_row(d) for d in run_dirs], fmt)
 
 
+def finished_runs(run_dirs: list[str | Path]) -> tuple[list[str | Path], list[str]]:
+    """The finished runs among ``run_dirs`` (in order), and one line for each of the others (a glob
+    over runs/ may catch one still running, failed or foreign): a report of the rest goes on."""
+    kept: list[str | Path] = []
+    skipped: list[str] = []
+    for d in run_dirs:
+        try:
+            run_row(d)
+        except RunDirError as err:
+            skipped.append(str(err))
+        else:
+            kept.append(Path(d))
+    return kept, skipped
+
+
 def curves(run_dir: str | Path) -> dict:
     """A run's curves from its metrics.jsonl: train loss per step, eval loss and the judged metric
     (train.best_metric, else the task's main metric) at each evaluation, the selected step."""
@@ -220,7 +236,12 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path, labels: list[str] |
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)  # never a half-written PNG
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

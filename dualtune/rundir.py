@@ -150,6 +150,77 @@ def check_target(target: Path, overwrite: bool = False) -> None:
             f"{target}: holds a finished run; add --overwrite to replace it, or choose a free "
             f"--output-dir, e.g. {free_name(target)}"
         )
+    foreign = foreign_files(target, marker)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunDirError(
+            f"{target}: holds files its run did not write ({shown}); --overwrite replaces only a run's "
+            f"own files: move them out, or choose a free --output-dir, e.g. {free_name(target)}"
+        )
+
+
+# What a run directory holds besides the files its run wrote (the marker lists those): what the
+# commands that read a finished run add to it (dualtune eval's eval/).
+ADDED_BY_COMMANDS = ("eval",)
+# A run finished before the marker listed its files: the names a run writes.
+RUN_FILES = (
+    "adapter", "adapter_init", "activations.safetensors", "checkpoints", "classification_report.json",
+    "confusion_matrix.png", "data.json", "final_metrics.json", "loss_curve.png", "metrics.jsonl",
+    "predictions.jsonl", "recipe.yaml", "run.log", "tensorboard", "trainable.json", "wandb",
+)  # fmt: skip
+
+
+def foreign_files(target: Path, marker: dict) -> list[str]:
+    """The top-level names in the finished run ``target`` that neither its run nor a dualtune
+    command wrote (a user's notes): what ``--overwrite`` must not remove."""
+    own = set(marker.get("files") or RUN_FILES) | set(ADDED_BY_COMMANDS) | {MARKER}
+    return sorted(p.name for p in target.iterdir() if p.name not in own)
+
+
+def check_new_file(path: Path, overwrite: bool = False, suffixes: tuple[str, ...] = ()) -> None:
+    """A single file a command is about to write (``synthetic-data``, ``report --plot``): one line
+    when it would replace a file without ``--overwrite``, when a folder is in the way, or when its
+    suffix is not one the command writes. Write it with ``write_atomic``: nothing half-written."""
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise RunDirError(f"{path}: expected a file ending in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise RunDirError(f"{path}: a folder is in the way of the file; choose another name")
+    if path.exists() and not overwrite:
+        raise RunDirError(
+            f"{path}: exists; dualtune replaces a file only with --overwrite, or choose another name"
+        )
+
+
+def check_new_folder(path: Path, own_names: set[str], overwrite: bool = False) -> None:
+    """A folder a command fills (``tiny``): it must be absent or empty, or, with ``--overwrite``,
+    hold nothing but what the command writes (``own_names``); anything else is listed, never removed."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path}: a file is in the way of the folder; choose another name")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not names:
+        return
+    foreign = [n for n in names if n not in own_names]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunDirError(
+            f"{path}: holds files dualtune did not write ({shown}), which it never touches; choose another folder"
+        )
+    if not overwrite:
+        raise RunDirError(
+            f"{path}: exists; add --overwrite to replace what dualtune wrote there, or choose another folder"
+        )
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move the finished folder ``tmp`` to ``path``, the old one (checked by ``check_new_folder``)
+    renamed aside first and removed after: never a half-replaced folder."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    replacing = path.is_dir()
+    if replacing:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if replacing:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -340,6 +411,7 @@ class RunDir:
         self.overwrite, self.resume_from = overwrite, resume_from
         self.path = self.target.with_name(f"{self.target.name}.partial-{os.getpid()}")
         self.failed: Path | None = None
+        self.foreign: list[str] = []
         self._lock = TargetLock(self.target)
 
     def __enter__(self) -> RunDir:
@@ -347,6 +419,9 @@ class RunDir:
         try:
             if self.resume_from is None or self.resume_from.resolve() != self.target.resolve():
                 check_target(self.target, self.overwrite)
+            source = read_marker(self.resume_from) if self.resume_from is not None else None
+            # a user's files in the run continued stay theirs (never listed as the run's own)
+            self.foreign = foreign_files(self.resume_from, source) if self.resume_from and source else []
             if self.resume_from is None:
                 self.path.mkdir(parents=True)
             elif self.resume_from.resolve() == self.target.resolve():
@@ -382,7 +457,9 @@ class RunDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.mark("finished")
+                # the files this run wrote: --overwrite later replaces these and nothing else
+                own = sorted(p.name for p in self.path.iterdir() if p.name not in (MARKER, *self.foreign))
+                self.mark("finished", files=own)
                 old = self.target.with_name(f"{self.target.name}.old-{os.getpid()}")
                 replacing = self.target.is_dir()
                 if replacing:

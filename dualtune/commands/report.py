@@ -37,21 +37,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "from each recipe's data.source, or named: financial_phrasebank/sentences_allagree, "
         "financial_phrasebank/sentences_50agree, disaster_tweets",
     )
+    rep.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     return rep
 
 
 def main(args: argparse.Namespace) -> int:
-    from dualtune.report import report
+    from dualtune.errors import RunDirError
+    from dualtune.report import finished_runs, report
 
-    print(report(args.run_dirs, args.format))
+    if args.plot:
+        from pathlib import Path
+
+        from dualtune.rundir import check_new_file
+
+        check_new_file(Path(args.plot), args.overwrite, (".png",))
+    runs, skipped = finished_runs(args.run_dirs)
+    if not runs:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise RunDirError(f"no finished run to report: {skipped[0]}{more}")
+    for why in skipped:
+        log.warning("skipped %s", why)
+    print(report(runs, args.format))
     if args.anchors:
         from dualtune.report import anchor_report
 
         dataset = None if args.anchors == "auto" else args.anchors
         print()
-        print(anchor_report(args.run_dirs, dataset, args.format))
+        print(anchor_report(runs, dataset, args.format))
     if args.plot:
         from dualtune.report import plot_curves
 
-        log.info("plot: %s", plot_curves(args.run_dirs, args.plot))
+        log.info("plot: %s", plot_curves(runs, args.plot))
     return 0

@@ -20,13 +20,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     syn.add_argument("out", help="output .jsonl path")
     syn.add_argument("--rows", type=int, default=1000)
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return syn
 
 
 def main(args: argparse.Namespace) -> int:
-    from dualtune import synthetic
-    from dualtune.data import write_jsonl
+    import json
 
-    write_jsonl(synthetic.generate(args.rows, args.seed), Path(args.out))
+    from dualtune import synthetic
+    from dualtune.errors import RecipeError
+    from dualtune.rundir import check_new_file, write_atomic
+
+    out = Path(args.out)
+    if args.rows < 1:
+        raise RecipeError(f"--rows {args.rows}: expected 1 or more")
+    check_new_file(out, args.overwrite, (".jsonl",))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, "".join(json.dumps(row) + "\n" for row in synthetic.generate(args.rows, args.seed)))
     log.info("%d synthetic rows written to %s", args.rows, args.out)
     return 0
