@@ -26,7 +26,8 @@ def better(metric: str, a: float, b: float) -> bool:
 
 
 def classification_report(gold: list[str], pred: list[str], label_names: list[str]) -> dict:
-    """Scores over ``label_names`` (absent classes included, at 0 when undefined), as plain JSON."""
+    """Scores per class of ``label_names`` (a class absent from ``gold`` and ``pred`` at 0, and left
+    out of the averages: ``absent_labels``), as plain JSON."""
     from sklearn import metrics as skm
 
     names = list(label_names)
@@ -43,10 +44,15 @@ def classification_report(gold: list[str], pred: list[str], label_names: list[st
         "n": len(gold),
         "accuracy": float(skm.accuracy_score(gold, pred)),
     }
-    # labels=names: an (other) prediction is a miss of the gold class, and a false positive of none.
+    # The averages run over the classes the eval split has or the model predicted (scikit-learn's
+    # own default): a class with neither has no score, and counting it as 0 would cap a perfect
+    # model's macro F1 (at 2/3 with one of three classes absent). The absent ones are listed.
+    # An (other) prediction is a miss of the gold class, and a false positive of none.
+    seen = [n for n in names if n in set(gold) | set(pred)]
+    report["absent_labels"] = [n for n in names if n not in seen]
     for average in ("macro", "weighted"):
         p, r, f, _ = skm.precision_recall_fscore_support(
-            gold, pred, labels=names, average=average, zero_division=0
+            gold, pred, labels=seen, average=average, zero_division=0
         )
         report.update(
             {f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)}

@@ -32,6 +32,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune.backend import check_precision, default_backend, framework
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
+from dualtune.prepare import class_weights
 from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
 from dualtune.rundir import RunPlan, plan_run
 from dualtune.tracking import check_trackers, probe_trackers
@@ -518,6 +519,19 @@ def validate(
         nonzero = [n for n, c in per.items() if c]
         if len(nonzero) == 1 and len(set(rows.labels)) > 1:
             warnings.append(f"the {split} split has rows of one class only ({nonzero[0]!r})")
+    present = set(rows.labels)
+    for split, what in (
+        ("train", "the model never learns it"),
+        (
+            "eval",
+            "it has no score; the macro averages leave it out unless it is predicted (classification_report.json: absent_labels)",
+        ),
+    ):
+        missing = [n for i, n in enumerate(names) if i in present and not counts[split][n]]
+        if missing:
+            warnings.append(f"the {split} split has no rows of {', '.join(map(repr, missing))}: {what}")
+    # the loss's class weights as the run computes them (balanced: every class needs training rows)
+    class_weights(recipe, train_rows.labels, names)
     if len(eval_rows.texts) < SMALL_EVAL:
         warnings.append(
             f"the eval split has {len(eval_rows.texts)} rows: each one moves accuracy by "

@@ -176,3 +176,13 @@ def test_eval_writes_report_and_png(tiny_t5, fin_data, tmp_path):
     assert lines[0].startswith("eval_loss: ") and any(item.startswith("f1_macro: ") for item in lines)
     assert lines[lines.index("") + 1].split() == ["class", "precision", "recall", "f1", "support"]
     assert "confusion matrix (rows: gold, columns: predicted)" in lines
+
+
+def test_a_class_absent_from_the_eval_split_does_not_cap_the_averages():
+    r = classification_report(["a", "b", "b"], ["a", "b", "b"], ["a", "b", "c"])
+    assert r["absent_labels"] == ["c"] and r["f1_macro"] == 1.0 and r["precision_macro"] == 1.0
+    assert r["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    predicted = classification_report(
+        ["a", "b"], ["a", "c"], ["a", "b", "c"]
+    )  # predicted, never gold: counted
+    assert predicted["absent_labels"] == [] and predicted["f1_macro"] == pytest.approx(1 / 3)

@@ -562,3 +562,28 @@ def test_validate_prints_warnings_and_exits_0(tiny_bert, fin_data, tmp_path):
         for w in warnings
     )
     assert "warning: the eval split has 6 rows: each one moves accuracy by 17 points" in warnings
+
+
+def test_a_class_missing_from_a_split_warns_with_what_it_does(tiny_bert, tmp_path):
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [(s, "negative" if i == 0 else "positive") for i, s in enumerate(sentences(40))]
+    )
+    plan = plan_of(*bert_args(tiny_bert, data, tmp_path / "run", "data.train_split=0.9"))
+    assert (
+        "the eval split has no rows of 'negative': it has no score; the macro averages leave it out unless "
+        "it is predicted (classification_report.json: absent_labels)"
+    ) in plan.warnings
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_balanced_weights_with_a_class_without_training_rows_is_the_same_line_before_loading(
+    tiny_bert, tmp_path, command
+):
+    """validate refuses what run refuses, with run's own line, before a model loads (no .failed)."""
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [(s, "negative" if i == 0 else "positive") for i, s in enumerate(sentences(40))]
+    )
+    args = bert_args(tiny_bert, data, tmp_path / "run", "data.train_split=0.9", "loss.class_weights=balanced")
+    line = fails(command, *args, "data.label_names=[negative,neutral,positive]", "--backend", "torch")
+    assert line == "dualtune: error: loss.class_weights=balanced: label 'neutral' has no training rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
