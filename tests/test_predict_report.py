@@ -312,11 +312,17 @@ def test_report_errors(fake_runs, tmp_path):
         f"quotes: line 1 column 2 (char 1))",
     }
     for path, message in cases.items():
+        # beside a finished run (a glob over runs/): that one is reported, this one named
         proc = report_cli(fake_runs[0], path)
-        assert (proc.returncode, proc.stdout, proc.stderr.splitlines()) == (
+        assert (proc.returncode, proc.stderr.splitlines()) == (0, [f"dualtune: skipped {message}"])
+        assert len(proc.stdout.splitlines()) == 2 and proc.stdout.splitlines()[1].startswith(
+            fake_runs[0].name
+        )
+        alone = report_cli(path)
+        assert (alone.returncode, alone.stdout, alone.stderr.splitlines()) == (
             2,
             "",
-            [f"dualtune: error: {message}"],
+            [f"dualtune: error: no finished run to report: {message}"],
         )
     proc = report_cli(fake_runs[0], "--format", "html")
     assert proc.returncode == 2 and "invalid choice: 'html'" in proc.stderr
