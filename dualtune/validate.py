@@ -493,6 +493,15 @@ def validate(
     check_precision(backend, device, recipe.train.precision)
     check_trackers(recipe)  # a tracker asked for but not installed: one line, before a framework loads
     probe_trackers(recipe)  # a tracker server that does not answer: one line, in seconds
+    if recipe.peft.init_from and not (Path(recipe.peft.init_from) / "trainable_state.safetensors").is_file():
+        # a saved adapter (not another run's exact adapter_init): whole, of this method and model
+        check_adapter(recipe.peft.init_from, recipe, recipe.peft.init_from)
+        config = json.loads((Path(recipe.peft.init_from) / "adapter_config.json").read_text(encoding="utf-8"))
+        if recipe.peft.method == "lora" and config.get("r") not in (None, recipe.peft.lora.r):
+            raise RecipeError(
+                f"peft.init_from {recipe.peft.init_from}: a LoRA adapter of rank {config['r']}, but "
+                f"peft.lora.r is {recipe.peft.lora.r}"
+            )
     run = plan_run(recipe, backend, output, overwrite, resume) if check_out else None
     target = run.target if run is not None else None
     directory = model_dir(recipe.model.name_or_path)

@@ -165,3 +165,17 @@ def test_values_that_were_tracebacks_are_one_line(override, line, tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPE, [override])
     assert str(err.value) == line
+
+
+def test_init_from_an_adapter_whose_tensors_differ_is_one_line(finished, tmp_path):
+    """Same model and rank, other target modules: only the run can see it (peft failed with a KeyError)."""
+    run, args = finished
+    proc = cli(
+        "run", RECIPE, "--backend", "torch", "--output-dir", str(tmp_path / "r"), *args,
+        f"peft.init_from={run / 'adapter'}", "peft.lora.target_modules=[query]",
+    )  # fmt: skip
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and line.startswith(
+        f"dualtune: error: {run / 'adapter'}: not a lora adapter of this model: its tensors and this model's differ (e.g. "
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -587,3 +587,28 @@ def test_balanced_weights_with_a_class_without_training_rows_is_the_same_line_be
     line = fails(command, *args, "data.label_names=[negative,neutral,positive]", "--backend", "torch")
     assert line == "dualtune: error: loss.class_weights=balanced: label 'neutral' has no training rows"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_init_from_an_adapter_of_another_model_or_method_is_one_line_before_loading(
+    tiny_bert, tiny_t5, fin_data, tmp_path, command
+):
+    """peft.init_from gets eval's adapter checks (peft itself failed with a KeyError deep inside),
+    and a LoRA rank that differs from the recipe's."""
+    adapter = fake_run(tmp_path / "t5", tiny_t5, ["q", "v"], LORA_T5) / "adapter"
+    args = [*bert_args(tiny_bert, fin_data, tmp_path / "run"), "--backend", "torch"]
+    assert fails(command, *args, f"peft.init_from={adapter}") == (
+        f"dualtune: error: {adapter / 'adapter_config.json'}: target modules ['q', 'v'] not found in "
+        f"{tiny_bert} (the run's model.name_or_path); the adapter was trained on t5-small: the adapter "
+        f"belongs to another model"
+    )
+    assert fails(command, *args, f"peft.init_from={adapter}", "peft.method=prefix") == (
+        f"dualtune: error: {adapter / 'adapter_config.json'}: a lora adapter, but the run's recipe says "
+        f"peft.method prefix"
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 4, "target_modules": ["query"]}))
+    assert fails(command, *args, f"peft.init_from={adapter}") == (
+        f"dualtune: error: peft.init_from {adapter}: a LoRA adapter of rank 4, but peft.lora.r is 8"
+    )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.failed").exists()

@@ -273,8 +273,18 @@ class HFBackend(Backend):
             raise BackendError(f"{directory}: no {weights.name} (not a saved {peft_spec.method} adapter)")
         saved = load_numpy(str(weights))
         if peft_spec.method in PEFT_LIBRARY_METHODS:
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+            # peft itself fails with a KeyError deep inside on an adapter of another model or method
+            wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+            odd = sorted(set(saved) ^ set(wanted)) or sorted(
+                k for k in saved if tuple(saved[k].shape) != wanted[k]
+            )
+            if odd:
+                raise BackendError(
+                    f"{directory}: not a {peft_spec.method} adapter of this model: its tensors and this "
+                    f"model's differ (e.g. {odd[0]})"
+                )
             # Not PeftModel.from_pretrained(is_trainable=True): peft refuses that for prefix tuning.
             # peft annotates it -> None, yet it returns load_state_dict's result
             result = set_peft_model_state_dict(  # type: ignore[func-returns-value]
