@@ -120,7 +120,7 @@ class Checkpointer(Callback):
         self.due = True
         # The adapter as of this evaluation (the best one with best_metric): a run that fails later keeps it.
         if self.best is None or self.best.step == record["step"]:
-            self.backend.save(self.prep.model, self.run.path / "adapter", self.prep.recipe.peft)
+            save_adapter(self.backend, self.prep, self.run.path / "adapter")
 
     def on_step_begin(self, state):
         if self.due:
@@ -178,6 +178,36 @@ class Checkpointer(Callback):
         if state.callbacks is not None:
             state.callbacks.on_checkpoint(state, self.last_path)
         fault_point(f"checkpoint-{state.step}")
+
+
+def save_adapter(backend: Backend, prep: Prepared, directory: Path) -> None:
+    """The adapter in its library's format, naming its base model as the recipe does (a hub id, a
+    ``pkg:`` spec, the path as given), never the path it resolved to here (a site-packages or cache
+    folder of this machine): copied to another machine, it resolves there again. The resolved
+    path is the run's own record (data.json's neighbour, recipe.yaml, says what was asked)."""
+    backend.save(prep.model, directory, prep.recipe.peft)
+    portable_adapter(directory, prep.recipe.model.name_or_path)
+
+
+def portable_adapter(directory: Path, base_model: str) -> None:
+    """Rewrite ``base_model_name_or_path`` (adapter_config.json) and the model card's ``base_model``
+    to ``base_model``, as the user named it."""
+    config = directory / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        resolved = data.get("base_model_name_or_path")
+        if resolved and resolved != base_model:
+            data["base_model_name_or_path"] = base_model
+            write_atomic(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            card = directory / "README.md"
+            if card.is_file():
+                text = card.read_text(encoding="utf-8")
+                write_atomic(
+                    card,
+                    text.replace(f"base_model: {resolved}", f"base_model: {base_model}").replace(
+                        f"base_model:adapter:{resolved}", f"base_model:adapter:{base_model}"
+                    ),
+                )
 
 
 def _resume_state(
@@ -394,6 +424,7 @@ def _start(run: RunDir, plan: RunPlan, recipe: Recipe, backend: Backend) -> Prep
     write_atomic(run.path / "recipe.yaml", effective.to_yaml())
     write_json(run.path / "data.json", plan.data)  # what it trained on, for report and a resume
     prep = prepare(recipe, backend)
+    _record_environment(run.path / "environment.json", recipe, backend, plan.state.get("step", 0))
     if (
         recipe.train.save_initial and plan.source is None
     ):  # exact: another run starts from it (peft.init_from)
@@ -410,6 +441,24 @@ def _start(run: RunDir, plan: RunPlan, recipe: Recipe, backend: Backend) -> Prep
         },
     )
     return prep
+
+
+def _record_environment(path: Path, recipe: Recipe, backend: Backend, from_step: int) -> None:
+    """environment.json: where and with what the run ran (versions, machine, device, the variables
+    that change numbers, the model as named and as resolved here), one entry per process that
+    trained it: a resume, on either stack, adds its own from its step."""
+    from dualtune.environment import record
+    from dualtune.hub import resolve_model_path
+
+    entries = json.loads(path.read_text())["runs"] if path.is_file() else []
+    name = recipe.model.name_or_path
+    resolved = resolve_model_path(name, unpack=False)
+    entry = {
+        "from_step": from_step,
+        **record(backend),
+        "model": {"name_or_path": name, "resolved": str(resolved)},
+    }
+    write_json(path, {"runs": [*entries, entry]})
 
 
 def _restore(
@@ -510,7 +559,7 @@ def _write_results(
 ) -> None:
     """The adapter, predictions and report, final_metrics.json, the loss curve, the trackers' end."""
     recipe, metrics = prep.recipe, evaluation.metrics
-    backend.save(prep.model, run.path / "adapter", recipe.peft)
+    save_adapter(backend, prep, run.path / "adapter")
     write_evaluation(run.path, evaluation)
     fault_point("final-files")
     final = {

@@ -29,15 +29,14 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dualtune import __version__
 from dualtune.callbacks import Callback, LoopState
+from dualtune.environment import versions
 from dualtune.errors import RecipeError, TrackerError
 
 log = logging.getLogger("dualtune")
@@ -129,19 +128,6 @@ def probe_trackers(recipe: Any) -> None:
             raise TrackerError(
                 f"train.report_to wandb: {base} cannot be reached ({why}); unset WANDB_MODE to log offline"
             )
-
-
-def versions(backend_name: str) -> dict[str, str]:
-    """Python, dualtune and the backend's packages, from their installed metadata (nothing imported)."""
-    out = {"python": platform.python_version(), "dualtune": __version__}
-    from dualtune.backend import framework
-
-    for pkg in framework(backend_name).packages:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _numbers(record: dict, skip: tuple[str, ...] = ("step", "epoch", "split")) -> dict[str, float]:

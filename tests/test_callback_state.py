@@ -120,6 +120,8 @@ def test_a_resumed_run_continues_its_own_tracker_runs(world):
     ids = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
     check_all_trackers(run, "torch", wandb_from=3)
+    # environment.json: one entry per process that trained the run, the resume's from its step
+    assert [e["from_step"] for e in read_json(run / "environment.json")["runs"]] == [0, 2]
 
 
 class Counter(Callback):

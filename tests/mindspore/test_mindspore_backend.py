@@ -201,6 +201,7 @@ def test_cli_run_on_mindspore(tmp_path, tiny_t5, fin_data):
         "classification_report.json",
         "confusion_matrix.png",
         "data.json",
+        "environment.json",
         "final_metrics.json",
         "loss_curve.png",
         "metrics.jsonl",
