@@ -68,9 +68,21 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def fault_point(name: str) -> None:
-    """A named instant where the fault-injection tests kill this process (``DUALTUNE_FAULT_AT``)."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A named instant where the fault-injection tests signal this process: ``DUALTUNE_FAULT_AT``
+    is ``NAME`` (kill -9) or ``NAME:SIGNAL`` (``model-load:SIGTERM``). The points: model-load,
+    step-N (after step N's update), evaluation (in the loop's evaluations), checkpoint-write
+    (tensors written, state.json not yet), checkpoint-N (step N's checkpoint in place), and the
+    instants of finalising: final-eval, best-swap, final-files, finished-files, rename."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, sig = wanted.partition(":")
+    if point == name and name not in _faults_sent:
+        _faults_sent.add(name)  # once: a signal that stops the run must not come again as it stops
+        os.kill(os.getpid(), signal.Signals[sig] if sig else signal.SIGKILL)
+
+
+_faults_sent: set[str] = set()
 
 
 def sha256_file(path: Path) -> str:
@@ -286,6 +298,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     for name, arrays in tensors.items():
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / f"{name}.safetensors"))
+    fault_point("checkpoint-write")
     write_json(tmp / CHECKPOINT_STATE, {**state, "files": file_records(tmp)})  # last: it vouches for the rest
     if final.exists():
         shutil.rmtree(final)
@@ -606,7 +619,8 @@ def find_resume(target: Path, resume: str | Path | bool) -> Path:
     if not found:
         raise RunDirError(
             f"--resume: no unfinished run of {target} with a checkpoint "
-            f"(looked for {target.name}.failed and {target.name}.partial-*)"
+            f"(looked for {target.name}.failed and {target.name}.partial-*); the same command "
+            "without --resume starts it afresh"
         )
     return max(found, key=lambda u: u.checkpoint.stat().st_mtime if u.checkpoint else 0).path
 

@@ -424,6 +424,7 @@ def _start(run: RunDir, plan: RunPlan, recipe: Recipe, backend: Backend) -> Prep
     write_atomic(run.path / "recipe.yaml", effective.to_yaml())
     write_json(run.path / "data.json", plan.data)  # what it trained on, for report and a resume
     prep = prepare(recipe, backend)
+    fault_point("model-load")
     _record_environment(run.path / "environment.json", recipe, backend, plan.state.get("step", 0))
     if (
         recipe.train.save_initial and plan.source is None

@@ -19,6 +19,7 @@ from dualtune.evaluation import evaluate
 from dualtune.metrics import better
 from dualtune.prepare import Prepared
 from dualtune.recipe import Recipe
+from dualtune.rundir import fault_point
 from dualtune.schedule import lr_at
 
 log = logging.getLogger("dualtune")
@@ -206,6 +207,7 @@ def train(
             if not finite:
                 record["skipped"] = True  # fp16: the gradients overflowed; the loss scale drops
             records.append(record)
+            fault_point(f"step-{state.step}")
             events.on_step_end(state, record)
             end_of_epoch = state.position == state.steps_per_epoch
             if (
@@ -213,6 +215,7 @@ def train(
                 and state.step < state.total_steps
                 and ((eval_every and state.step % eval_every == 0) or (eval_every is None and end_of_epoch))
             ):
+                fault_point("evaluation")
                 evaluation = evaluate(backend, prep, generate=None if full_eval else False)
                 state.last_eval = {"step": state.step, "epoch": state.epoch, **evaluation.metrics}
                 log.info(
