@@ -247,6 +247,7 @@ def export_run(plan: ExportPlan, backend: Backend) -> list[dict[str, Any]]:
     for fmt, target in plan.targets.items():
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)  # this process's own, from nothing but a reused pid
+        made_parent = not target.parent.exists()  # RUN_DIR/export/: removed again if this fails
         try:
             files = backend.export(model, tokenizer, task, fmt, partial, recipe.model.name_or_path)
             run = backend.load_exported(partial, fmt, task)
@@ -279,6 +280,8 @@ def export_run(plan: ExportPlan, backend: Backend) -> list[dict[str, Any]]:
             replace_folder(partial, target)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
+            if made_parent and target.parent.is_dir() and not any(target.parent.iterdir()):
+                target.parent.rmdir()
             raise
         records.append({**record, "path": str(target)})
     return records
