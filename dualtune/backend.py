@@ -23,7 +23,7 @@ import importlib
 import os
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,28 @@ class Backend(FrameworkStep):
     def save_tiny_model(self, kind: str, directory: Path, vocab_texts: Sequence[str], seed: int = 0) -> None:
         """A tiny random model of ``kind`` (``dualtune.tiny.TINY_KINDS``) and its tokenizer."""
 
+    # -- export (``dualtune export``): only frameworks whose descriptor lists ``export_formats``
+    def merge_trained(self, model: Any, peft_spec: Any) -> Any:
+        """``load_trained``'s model as the plain model class, the method's weights folded into its
+        own tensors (a weight-level method: LoRA, IA3, BitFit, none)."""
+        raise cannot_export(self.name)
+
+    def export(
+        self, model: Any, tokenizer: Any, task: str, fmt: str, directory: Path, name_or_path: str
+    ) -> list[str]:
+        """Write ``merge_trained``'s ``model`` as ``fmt`` (``Framework.export_formats``) into the new
+        folder ``directory``, with its config and tokenizer; the names written. ``name_or_path``: the
+        base model as the recipe names it, for the config (not this machine's path to it)."""
+        raise cannot_export(self.name)
+
+    def load_exported(
+        self, directory: Path, fmt: str, task: str
+    ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """What ``export`` wrote, loaded as its users will load it (without dualtune or peft): a
+        function from a numpy batch (``input_ids``, ``attention_mask``; seq2seq also ``labels``,
+        teacher forcing) to its logits as numpy."""
+        raise cannot_export(self.name)
+
 
 class Framework:
     """What the core knows of a framework without loading it: each backend package's ``descriptor``
@@ -245,6 +267,8 @@ class Framework:
     packages: tuple[str, ...] = ()  # the distributions whose versions a run records
     # why it cannot share a process with another framework (the end of that one-line refusal)
     process_note: str = "one framework per process"
+    # what ``dualtune export`` can write on it ("merged", "onnx"); none: it cannot export
+    export_formats: tuple[str, ...] = ()
 
     def check_device(self, device: str) -> None:
         """Refuse, as one ``BackendError`` line, a --device this framework cannot use or that this
@@ -270,6 +294,13 @@ class Framework:
         """Run ``dualtune <argv>`` on ``nproc`` processes of this machine (data parallel), writing
         the run directory ``output``; the job's exit status (128 + a signal passed on)."""
         raise BackendError(f"--nproc {nproc}: the {self.name} backend runs in one process only")
+
+
+def cannot_export(backend: str) -> BackendError:
+    """The one line for a backend without ``dualtune export``, naming those that have it."""
+    able = [f.name for f in frameworks() if f.export_formats]
+    hint = f"; export with --backend {' or '.join(able)}" if able else ""
+    return BackendError(f"the {backend} backend cannot export a run{hint}")
 
 
 def frameworks() -> list[Framework]:

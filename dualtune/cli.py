@@ -12,14 +12,25 @@ import sys
 from pathlib import Path
 
 from dualtune.backend import frameworks, launched_rank
-from dualtune.commands import compare, evaluate, predict, report, run, sweep, synthetic_data, tiny, validate
+from dualtune.commands import (
+    compare,
+    evaluate,
+    export,
+    predict,
+    report,
+    run,
+    sweep,
+    synthetic_data,
+    tiny,
+    validate,
+)
 from dualtune.errors import UserError
 from dualtune.launch import redirect_worker_output
 from dualtune.rundir import RunInterrupted
 
 log = logging.getLogger("dualtune")
 
-COMMANDS = (run, validate, evaluate, predict, report, compare, sweep, tiny, synthetic_data)
+COMMANDS = (run, validate, evaluate, predict, export, report, compare, sweep, tiny, synthetic_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,3 +43,8 @@ class SweepError(UserError):
 class TrackerError(UserError):
     """An experiment tracker that cannot be reached or used (probed before training, or failing
     mid-run with ``train.report_to_strict``)."""
+
+
+class ExportError(UserError):
+    """``dualtune export``: a run that cannot be exported as asked, or an export whose artefact did
+    not reproduce the run's predictions (nothing is left behind)."""

@@ -172,8 +172,8 @@ def check_target(target: Path, overwrite: bool = False) -> None:
 
 
 # What a run directory holds besides the files its run wrote (the marker lists those): what the
-# commands that read a finished run add to it (dualtune eval's eval/).
-ADDED_BY_COMMANDS = ("eval",)
+# commands that read a finished run add to it (dualtune eval's eval/, dualtune export's export/).
+ADDED_BY_COMMANDS = ("eval", "export")
 # A run finished before the marker listed its files: the names a run writes.
 RUN_FILES = (
     "adapter", "adapter_init", "activations.safetensors", "checkpoints", "classification_report.json",

@@ -15,6 +15,7 @@ class TorchFramework(Framework):
     launcher = "torchrun (gloo on cpu, nccl on cuda)"
     packages = ("torch", "transformers", "peft", "numpy")
     process_note = "mindnlp takes over `import torch` for the whole process"
+    export_formats = ("merged", "onnx")  # dualtune.backends.torch.export
 
     def check_device(self, device: str) -> None:
         # cuda: torch's own check (torch.cuda.is_available) is one line and comes before any run

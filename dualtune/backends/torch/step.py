@@ -4,6 +4,8 @@ through torch.autocast, fp16's dynamic loss scaling through torch.amp.GradScaler
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from dualtune.backend import Batch, Tensor
 from dualtune.backends.hf.backend import HFBackend
+from dualtune.backends.torch import export as exporting
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -158,3 +161,17 @@ class TorchBackend(HFBackend):
                 "exp_avg": torch.tensor(state["exp_avg"][i], device=p.device),
                 "exp_avg_sq": torch.tensor(state["exp_avg_sq"][i], device=p.device),
             }
+
+    # -- dualtune export
+    def merge_trained(self, model: Any, peft_spec: Any) -> Any:
+        return exporting.merge_trained(model, peft_spec)
+
+    def export(
+        self, model: Any, tokenizer: Any, task: str, fmt: str, directory: Path, name_or_path: str
+    ) -> list[str]:
+        return exporting.export(model, tokenizer, task, fmt, directory, name_or_path)
+
+    def load_exported(
+        self, directory: Path, fmt: str, task: str
+    ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        return exporting.load_exported(directory, fmt, task, self.torch_device)
