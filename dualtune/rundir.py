@@ -604,6 +604,38 @@ def _short(value: Any) -> str:
     return value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
+def data_change(saved: dict, now: dict) -> str | None:
+    """The first field of two data fingerprints (``data.fingerprint``) that differs, as a phrase."""
+    for key, name in DATA_FIELDS.items():
+        was, new = saved.get(key), now.get(key)
+        if was != new:
+            return (
+                f"{name} {_short(was)} -> {_short(new)}"
+                if key != "label_counts"
+                else f"{name} {was} -> {new}"
+            )
+    return None
+
+
+def check_same_data(run_dir: Path) -> None:
+    """``dualtune eval`` reads the run's recipe's data again: refuse, in one line, when it is not the
+    data the run trained and evaluated on (data.json), since the eval split would be another one."""
+    from dualtune import data as datamap
+    from dualtune.recipe import load_recipe
+
+    saved_file = run_dir / "data.json"
+    if not saved_file.is_file():
+        return  # a run from before data.json
+    saved = json.loads(saved_file.read_text())
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    change = data_change(saved, datamap.fingerprint(datamap.load_rows(recipe.data), recipe.data))
+    if change:
+        raise RunDirError(
+            f"{run_dir}: its data changed since the run ({change}); eval would score another eval "
+            f"split: restore {recipe.data.source} as it was, or train a new run on the new data"
+        )
+
+
 def find_resume(target: Path, resume: str | Path | bool) -> Path:
     """The directory ``--resume`` continues: the one named, else the unfinished run of ``target``."""
     if resume is not True:
@@ -678,11 +710,9 @@ class RunPlan:
             return
         saved = self.state.get("continuation")
         if saved is not None:
-            for key, name in DATA_FIELDS.items():
-                was, new = saved["data"].get(key), self.data.get(key)
-                if was != new:
-                    said = f"{_short(was)} -> {_short(new)}" if key != "label_counts" else f"{was} -> {new}"
-                    raise self._refuse(f"the data changed since step {self.step} ({name} {said})")
+            change = data_change(saved["data"], self.data)
+            if change:
+                raise self._refuse(f"the data changed since step {self.step} ({change})")
         if processes is not None and saved is not None:
             now = continuation(recipe, self.data, processes)
             was_b, new_b = saved["step_batch"], now["step_batch"]

@@ -179,3 +179,31 @@ def test_init_from_an_adapter_whose_tensors_differ_is_one_line(finished, tmp_pat
         f"dualtune: error: {run / 'adapter'}: not a lora adapter of this model: its tensors and this model's differ (e.g. "
     ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_refuses_a_run_whose_data_changed(finished, fin_data, tmp_path):
+    """eval reads the recipe's data again: edited under the same path, it would score another split."""
+    import shutil
+
+    import yaml
+
+    run, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    data = tmp_path / "fin.jsonl"
+    shutil.copy(fin_data, data)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["data"]["source"] = str(data)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    saved = json.loads((copy / "data.json").read_text())
+    (copy / "data.json").write_text(json.dumps({**saved, "source": str(data)}))
+    assert cli("eval", str(copy), "--backend", "torch").returncode == 0
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["sentence"] += " indeed"
+    data.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    line = error_line(cli("eval", str(copy), "--backend", "torch"))
+    assert line.startswith(f"{copy}: its data changed since the run (the file's sha256 ")
+    assert line.endswith(
+        f"eval would score another eval split: restore {data} as it was, or train a new run on the new data"
+    )

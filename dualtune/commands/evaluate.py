@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from dualtune.commands.common import backend_args, check_saved
 
@@ -32,10 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from dualtune.backend import get_backend
     from dualtune.metrics import format_classification_report
+    from dualtune.rundir import check_same_data
     from dualtune.runner import check_finished, evaluate_run
 
     check_finished(args.run_dir, args.checkpoint)  # before loading a framework
     check_saved(args.run_dir, args.checkpoint)
+    check_same_data(Path(args.run_dir))
     backend = get_backend(args.backend, args.device)
     out, evaluation = evaluate_run(args.run_dir, backend, args.checkpoint)
     for k, v in evaluation.metrics.items():
