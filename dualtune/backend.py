@@ -206,7 +206,8 @@ class Backend(FrameworkStep):
 
     @abstractmethod
     def generate(self, model: Any, batch: Batch, max_new_tokens: int) -> np.ndarray:
-        """Greedy decoding; token ids as numpy (seq2seq)."""
+        """Greedy decoding of at most ``max_new_tokens`` tokens, stopping at the model's EOS; the
+        new token ids as numpy (seq2seq: the decoder's; causal_lm: those after the left-padded prompt)."""
 
     @abstractmethod
     def activations(self, model: Any, batch: Batch) -> dict[str, np.ndarray]:

@@ -149,6 +149,8 @@ class HFBackend(Backend):
         try:
             if model_spec.task == "seq2seq":
                 model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, **gguf)
+            elif model_spec.task == "causal_lm":
+                model = transformers.AutoModelForCausalLM.from_pretrained(path, **gguf)
             else:
                 model = transformers.AutoModelForSequenceClassification.from_pretrained(
                     path,
@@ -161,6 +163,11 @@ class HFBackend(Backend):
             raise model_not_found(model_spec.name_or_path, err) from None
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        if model_spec.task == "causal_lm":
+            # Generation stops at the tokenizer's EOS, which every target ends with (a GGUF file's
+            # generation config may name another: see correct_gguf_tokenizer).
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model.to(self.torch_device)
 
     def apply_peft(self, model: Any, peft_spec: Any, task: str, seed: int) -> Any:
@@ -240,6 +247,8 @@ class HFBackend(Backend):
                 do_sample=False,
                 num_beams=1,
             )
+        if not getattr(model.config, "is_encoder_decoder", False):
+            out = out[:, batch["input_ids"].shape[1] :]  # a decoder returns the prompt before the new tokens
         return self.to_numpy(out)
 
     # -- saving and loading
