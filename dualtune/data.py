@@ -476,8 +476,9 @@ def collate_inputs(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[st
 
 def collate_prompts(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[str, np.ndarray]:
     """causal_lm prompts for generation: padded on the LEFT, so every row's next token follows
-    its own last token (positions come from the attention mask)."""
-    length = spec.max_length if spec.padding == "max_length" else max(len(s) for s in ids)
+    its own last token (positions come from the attention mask), to the longest prompt whatever
+    ``data.padding`` says (generation's shapes grow token by token anyway)."""
+    length = max(len(s) for s in ids)
     input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(ids), length), dtype=np.int64)
     for i, s in enumerate(ids):

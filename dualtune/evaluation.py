@@ -16,7 +16,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune import metrics as metricsmod
 from dualtune.backend import Backend
-from dualtune.recipe import TEXT_TASKS
+from dualtune.recipe import PROMPT_LEARNING_METHODS, TEXT_TASKS
 from dualtune.rundir import write_atomic, write_json
 
 if TYPE_CHECKING:
@@ -47,17 +47,35 @@ def decode(tokenizer: Any, ids: np.ndarray | list[list[int]]) -> list[str]:
 
 
 def generate_text(
-    backend: Backend, model: Any, tokenizer: Any, prompts: list[list[int]], batch: Any, spec: Any, task: str
+    backend: Backend,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    batch: Any,
+    spec: Any,
+    task: str,
+    method: str = "lora",
 ) -> list[str]:
     """Greedy generation, decoded. seq2seq: from ``batch`` (the inputs as tensors), at most
     ``data.label_max_length`` tokens. causal_lm: from ``prompts`` padded on the left, at most
     ``data.label_max_length`` + 1 (the target's EOS) new tokens, each row cut at its first EOS."""
     if task != "causal_lm":
         return decode(tokenizer, backend.generate(model, batch, spec.label_max_length))
-    left = backend.to_tensors(datamap.collate_prompts(prompts, tokenizer.pad_token_id, spec))
-    new = backend.generate(model, left, spec.label_max_length + 1)
+    # peft drops the position ids of prompt-learning methods when generating, so the positions of a
+    # left-padded row would count its padding (training's never do): those rows go in groups of one
+    # length, unpadded.
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p) if method in PROMPT_LEARNING_METHODS else 0, []).append(i)
     eos = tokenizer.eos_token_id
-    return decode(tokenizer, [list(row[: (list(row) + [eos]).index(eos)]) for row in new])
+    texts: list[str] = [""] * len(prompts)
+    for rows in groups.values():
+        left = datamap.collate_prompts([prompts[i] for i in rows], tokenizer.pad_token_id, spec)
+        new = backend.generate(model, backend.to_tensors(left), spec.label_max_length + 1)
+        cut = [list(row[: (list(row) + [eos]).index(eos)]) for row in new]
+        for i, text in zip(rows, decode(tokenizer, cut)):
+            texts[i] = text
+    return texts
 
 
 def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> Evaluation:
@@ -106,7 +124,14 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
                 token_exact = ((argmax == labels) | (labels == -100)).all(-1)
                 generated = (
                     generate_text(
-                        backend, prep.model, tok, [eval_set.input_ids[i] for i in rows], batch, r.data, task
+                        backend,
+                        prep.model,
+                        tok,
+                        [eval_set.input_ids[i] for i in rows],
+                        batch,
+                        r.data,
+                        task,
+                        r.peft.method,
                     )
                     if generate
                     else [None] * n

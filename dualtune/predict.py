@@ -85,7 +85,7 @@ def predict(
                     )
             else:
                 decoded = generate_text(
-                    backend, model, tok, ids[start : start + bs], batch, recipe.data, task
+                    backend, model, tok, ids[start : start + bs], batch, recipe.data, task, recipe.peft.method
                 )
                 out += [{"text": text, "label": label} for text, label in zip(chunk, decoded)]
     return out

@@ -141,6 +141,8 @@ def is_head_parameter(name: str) -> bool:
 
 # Methods peft implements (its config, layers and file format); bitfit is dualtune's; none = full fine-tuning.
 PEFT_LIBRARY_METHODS = ("prefix", "prompt", "p_tuning", "lora", "ia3")
+# peft's prompt learning: virtual tokens (or their keys and values) before the input.
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p_tuning")
 
 
 class PeftSpec(_Strict):

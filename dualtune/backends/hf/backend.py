@@ -21,7 +21,7 @@ import transformers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from dualtune.backend import Backend, BackendError, Batch, Tensor
+from dualtune.backend import Backend, BackendError, Batch, Tensor, no_pad_token
 from dualtune.backends.hf.methods import (
     BITFIT_CONFIG,
     BITFIT_WEIGHTS,
@@ -136,10 +136,7 @@ class HFBackend(Backend):
             correct_gguf_tokenizer(tok, source.path)
         if tok.pad_token is None:
             if not model_spec.pad_token_as_eos:
-                raise BackendError(
-                    f"tokenizer of {model_spec.name_or_path} has no pad token; "
-                    f"set model.pad_token_as_eos=true (decoder LLMs)"
-                )
+                raise no_pad_token(model_spec.name_or_path)
             tok.pad_token = tok.eos_token
         return tok
 
