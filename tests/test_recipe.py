@@ -190,6 +190,7 @@ EXPECTED_RECIPES = {
     "minilm_demo": ("classification", "lora", FPB),
     "minilm_fpb": ("classification", "lora", FPB),
     "smollm2_fpb": ("classification", "lora", FPB),
+    "smollm2_fpb_gen": ("causal_lm", "lora", FPB),
     "disaster_mpnet": ("classification", "lora", DISASTER),
     "disaster_smollm2": ("classification", "lora", DISASTER),
 }
