@@ -251,3 +251,40 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_llama, fin_data, tmp_path):
     for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "predictions.jsonl"):
         assert (cut / name).read_bytes() == (ref / name).read_bytes(), name
     assert os.path.getsize(ref / "adapter/adapter_model.safetensors") > 0
+    # predict generates as evaluation does: the eval rows' texts give their predictions' generated text
+    rows = read_jsonl(ref / "predictions.jsonl")[:3]
+    predicted = subprocess.run(
+        cli_command("predict", str(ref), *[r["text"] for r in rows], "--backend", "torch"),
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert [json.loads(line)["label"] for line in predicted.stdout.splitlines()] == [
+        r["generated"] for r in rows
+    ]
+
+
+def test_validate_counts_the_target_in_the_positions_and_needs_a_pad_token(tiny_llama, fin_data, tmp_path):
+    from dualtune import validate as vmod
+    from dualtune.errors import BackendError, RecipeError
+
+    def plan(*extra: str):
+        recipe = load_recipe(RECIPE, tiny_overrides(tiny_llama, fin_data, *extra))
+        return vmod.validate(recipe, "torch", "cpu", tmp_path / "run")
+
+    good = plan()
+    assert good.task == "causal_lm"
+    # the target words' own tokens, without the BOS the tokenizer puts before a prompt
+    assert good.target_tokens == {"negative": 1, "neutral": 1, "positive": 1}
+    with pytest.raises(RecipeError) as err:
+        plan("data.max_length=254")
+    assert str(err.value) == (
+        f"data.max_length 254 + data.label_max_length 3 + EOS: above the 256 positions of {tiny_llama} "
+        f"(config.json); set data.max_length to at most 252"
+    )
+    with pytest.raises(BackendError) as err:
+        plan("model.pad_token_as_eos=false")
+    assert str(err.value) == (
+        f"tokenizer of {tiny_llama} has no pad token; set model.pad_token_as_eos=true (decoder LLMs)"
+    )

@@ -45,7 +45,7 @@ def error_of(overrides: list[str], raw: dict | None = None) -> str:
         (["optim.lr=.inf"], "optim.lr: got inf (float), expected a finite number"),
         (
             ["model.task=translation"],
-            "model.task: got 'translation' (str), expected 'seq2seq' or 'classification'",
+            "model.task: got 'translation' (str), expected 'seq2seq', 'classification' or 'causal_lm'",
         ),
         (
             ["optim.betas=[0.9, x]"],
