@@ -42,9 +42,18 @@ __all__ = [
     "framework",
     "frameworks",
     "get_backend",
+    "no_pad_token",
 ]
 
 _active: Backend | None = None
+
+
+def no_pad_token(name_or_path: str) -> BackendError:
+    """The error for a tokenizer without a pad token and no ``model.pad_token_as_eos``."""
+    return BackendError(
+        f"tokenizer of {name_or_path} has no pad token; set model.pad_token_as_eos=true (decoder LLMs)"
+    )
+
 
 Tensor = Any  # a framework tensor; the core never looks inside one
 Batch = dict[str, Tensor]
@@ -206,7 +215,8 @@ class Backend(FrameworkStep):
 
     @abstractmethod
     def generate(self, model: Any, batch: Batch, max_new_tokens: int) -> np.ndarray:
-        """Greedy decoding; token ids as numpy (seq2seq)."""
+        """Greedy decoding of at most ``max_new_tokens`` tokens, stopping at the model's EOS; the
+        new token ids as numpy (seq2seq: the decoder's; causal_lm: those after the left-padded prompt)."""
 
     @abstractmethod
     def activations(self, model: Any, batch: Batch) -> dict[str, np.ndarray]:

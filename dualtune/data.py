@@ -41,10 +41,10 @@ class Rows:
 
 @dataclass
 class Encoded:
-    """Tokenized examples, unpadded; ``targets`` are label token ids (seq2seq) or class ids."""
+    """Tokenized examples, unpadded; ``targets`` are label token ids (seq2seq, causal_lm) or class ids."""
 
     input_ids: list[list[int]]
-    targets: list  # list[list[int]] for seq2seq, list[int] for classification
+    targets: list  # list[list[int]] for seq2seq and causal_lm, list[int] for classification
     labels: list[int]
     texts: list[str]
 
@@ -400,12 +400,59 @@ def encode_texts(texts: list[str], tokenizer, spec: DataSpec) -> list[list[int]]
     return [list(x) for x in tokenizer(list(texts), truncation=True, max_length=spec.max_length)["input_ids"]]
 
 
+def uses_chat_template(tokenizer, spec: DataSpec) -> bool:
+    """Whether causal_lm prompts go through the tokenizer's chat template (``data.chat_template``)."""
+    return spec.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompts(texts: list[str], tokenizer, spec: DataSpec) -> list[list[int]]:
+    """causal_lm prompts: each text as a user message in the chat template, up to the assistant's
+    turn (``uses_chat_template``), else the text as the tokenizer encodes it (BOS and all); at most
+    ``data.max_length`` tokens, the text cut to fit."""
+    if not uses_chat_template(tokenizer, spec):
+        return encode_texts(texts, tokenizer, spec)
+
+    def templated(text: str) -> list[int]:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        # the template writes the special tokens (BOS, turn markers) itself
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    out = []
+    for text in texts:
+        ids = templated(text)
+        if len(ids) > spec.max_length:
+            # cut the text, not the template's end: the assistant's turn must open the prompt's end
+            words = tokenizer(text, add_special_tokens=False)["input_ids"]
+            keep = max(0, len(words) - (len(ids) - spec.max_length))
+            ids = templated(tokenizer.decode(words[:keep]))[-spec.max_length :]
+        out.append(ids)
+    return out
+
+
+def encode_targets(words: list[str], tokenizer, spec: DataSpec, task: str) -> list[list[int]]:
+    """Target token ids: seq2seq's as the tokenizer ends them (T5: ``</s>``), at most
+    ``data.label_max_length``; causal_lm's the words' own tokens (no BOS), at most
+    ``data.label_max_length``, then EOS, where generation stops."""
+    if task != "causal_lm":
+        return [
+            list(t) for t in tokenizer(words, truncation=True, max_length=spec.label_max_length)["input_ids"]
+        ]
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    return [list(t[: spec.label_max_length]) + [tokenizer.eos_token_id] for t in ids]
+
+
 def encode(rows: Rows, tokenizer, spec: DataSpec, task: str) -> Encoded:
-    """Tokenize once, without padding (padding happens per batch)."""
-    input_ids = encode_texts(rows.texts, tokenizer, spec)
-    if task == "seq2seq":
+    """Tokenize once, without padding (padding happens per batch). causal_lm: ``input_ids`` are the
+    prompts alone; ``collate`` appends the targets."""
+    if task == "causal_lm":
+        input_ids = encode_prompts(rows.texts, tokenizer, spec)
+    else:
+        input_ids = encode_texts(rows.texts, tokenizer, spec)
+    if task in ("seq2seq", "causal_lm"):
         words = [rows.label_names[item] for item in rows.labels]
-        targets = tokenizer(words, truncation=True, max_length=spec.label_max_length)["input_ids"]
+        targets: list = encode_targets(words, tokenizer, spec, task)
     else:
         targets = list(rows.labels)
     return Encoded(input_ids, targets, list(rows.labels), list(rows.texts))
@@ -427,7 +474,40 @@ def collate_inputs(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[st
     }
 
 
+def collate_prompts(ids: list[list[int]], pad_id: int, spec: DataSpec) -> dict[str, np.ndarray]:
+    """causal_lm prompts for generation: padded on the LEFT, so every row's next token follows
+    its own last token (positions come from the attention mask), to the longest prompt whatever
+    ``data.padding`` says (generation's shapes grow token by token anyway)."""
+    length = max(len(s) for s in ids)
+    input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), length), dtype=np.int64)
+    for i, s in enumerate(ids):
+        if s:
+            input_ids[i, -len(s) :] = s
+            attention_mask[i, -len(s) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate_causal(prompts: list[list[int]], targets: list[list[int]], pad_id: int, spec: DataSpec):
+    """causal_lm training rows: prompt + target (EOS included), padded on the right; labels -100 on
+    the prompt and the padding (the loss is the mean over target tokens), the target ids after."""
+    rows = [p + t for p, t in zip(prompts, targets)]
+    length = (
+        spec.max_length + spec.label_max_length + 1 if spec.padding == "max_length" else max(map(len, rows))
+    )
+    labels = np.full((len(rows), length), -100, dtype=np.int64)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        labels[i, len(p) : len(p) + len(t)] = t
+    return {
+        "input_ids": _pad(rows, pad_id, length),
+        "attention_mask": _pad([[1] * len(r) for r in rows], 0, length),
+        "labels": labels,
+    }
+
+
 def collate(enc: Encoded, idx, pad_id: int, spec: DataSpec, task: str) -> dict[str, np.ndarray]:
+    if task == "causal_lm":
+        return collate_causal([enc.input_ids[i] for i in idx], [enc.targets[i] for i in idx], pad_id, spec)
     batch = collate_inputs([enc.input_ids[i] for i in idx], pad_id, spec)
     if task == "seq2seq":
         tgt = [enc.targets[i] for i in idx]

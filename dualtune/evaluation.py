@@ -16,6 +16,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune import metrics as metricsmod
 from dualtune.backend import Backend
+from dualtune.recipe import PROMPT_LEARNING_METHODS, TEXT_TASKS
 from dualtune.rundir import write_atomic, write_json
 
 if TYPE_CHECKING:
@@ -40,9 +41,41 @@ def eval_mode(backend: Backend, model: Any) -> Iterator[None]:
         backend.set_training(model, was_training)
 
 
-def decode(tokenizer: Any, ids: np.ndarray) -> list[str]:
+def decode(tokenizer: Any, ids: np.ndarray | list[list[int]]) -> list[str]:
     """Token ids as stripped text, special tokens dropped (label words, generated or teacher-forced)."""
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def generate_text(
+    backend: Backend,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    batch: Any,
+    spec: Any,
+    task: str,
+    method: str = "lora",
+) -> list[str]:
+    """Greedy generation, decoded. seq2seq: from ``batch`` (the inputs as tensors), at most
+    ``data.label_max_length`` tokens. causal_lm: from ``prompts`` padded on the left, at most
+    ``data.label_max_length`` + 1 (the target's EOS) new tokens, each row cut at its first EOS."""
+    if task != "causal_lm":
+        return decode(tokenizer, backend.generate(model, batch, spec.label_max_length))
+    # peft drops the position ids of prompt-learning methods when generating, so the positions of a
+    # left-padded row would count its padding (training's never do): those rows go in groups of one
+    # length, unpadded.
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p) if method in PROMPT_LEARNING_METHODS else 0, []).append(i)
+    eos = tokenizer.eos_token_id
+    texts: list[str] = [""] * len(prompts)
+    for rows in groups.values():
+        left = datamap.collate_prompts([prompts[i] for i in rows], tokenizer.pad_token_id, spec)
+        new = backend.generate(model, backend.to_tensors(left), spec.label_max_length + 1)
+        cut = [list(row[: (list(row) + [eos]).index(eos)]) for row in new]
+        for i, text in zip(rows, decode(tokenizer, cut)):
+            texts[i] = text
+    return texts
 
 
 def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> Evaluation:
@@ -79,13 +112,27 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
                     )
             else:
                 labels = np_batch["labels"]
+                if task == "causal_lm":
+                    # the logits at position t predict token t + 1; prompt tuning and p-tuning put
+                    # their virtual tokens' logits first
+                    logits = logits[:, logits.shape[1] - labels.shape[1] : -1]
+                    labels = labels[:, 1:]
                 argmax = np.where(labels == -100, tok.pad_token_id, logits.argmax(-1))
                 forced = decode(tok, argmax)
                 # Correct only if every label token (eos included) is the argmax: decoding alone would
                 # pass [pad, positive] for [positive, </s>].
                 token_exact = ((argmax == labels) | (labels == -100)).all(-1)
                 generated = (
-                    decode(tok, backend.generate(prep.model, batch, r.data.label_max_length))
+                    generate_text(
+                        backend,
+                        prep.model,
+                        tok,
+                        [eval_set.input_ids[i] for i in rows],
+                        batch,
+                        r.data,
+                        task,
+                        r.peft.method,
+                    )
                     if generate
                     else [None] * n
                 )
@@ -122,7 +169,8 @@ def evaluate(backend: Backend, prep: Prepared, generate: bool | None = None) -> 
 
 
 def predicted_label(prediction: dict) -> str:
-    """What a prediction row says the class is; seq2seq: the generated text when generation ran."""
+    """What a prediction row says the class is; seq2seq and causal_lm: the generated text when
+    generation ran."""
     if "pred" in prediction:
         return str(prediction["pred"])
     if prediction.get("generated") is not None:
@@ -140,7 +188,7 @@ def classification_summary(prep: Prepared, predictions: list[dict]) -> dict:
     report = metricsmod.classification_report(
         [p["label"] for p in predictions], [predicted_label(p) for p in predictions], prep.label_names
     )
-    if prep.recipe.model.task == "seq2seq":
+    if prep.recipe.model.task in TEXT_TASKS:
         generated = bool(predictions) and predictions[0].get("generated") is not None
         report["predicted_from"] = "generated" if generated else "teacher_forced"
     return report

@@ -10,7 +10,7 @@ import numpy as np
 from dualtune import data as datamap
 from dualtune.backend import Backend
 from dualtune.errors import DataError
-from dualtune.evaluation import decode, eval_mode
+from dualtune.evaluation import eval_mode, generate_text
 
 
 def read_texts(texts: list[str], file: str | Path | None = None) -> list[str]:
@@ -48,7 +48,8 @@ def predict(
     run_dir: str | Path, texts: list[str], backend: Backend, batch_size: int | None = None
 ) -> list[dict]:
     """One dict per text, in order: ``{"text", "label", "scores"}`` (classification, softmax over the
-    classes) or ``{"text", "label"}`` (seq2seq: the generated text, which need not be a label name).
+    classes) or ``{"text", "label"}`` (seq2seq, causal_lm: the generated text, which need not be a
+    label name).
     ``batch_size`` defaults to the run's evaluation batch size."""
     from dualtune.recipe import load_recipe
     from dualtune.runner import check_finished
@@ -60,7 +61,11 @@ def predict(
     tok = backend.load_tokenizer(recipe.model)
     model = backend.load_trained(recipe.model, names, tok, recipe.peft, run_dir / "adapter")
     bs = batch_size or recipe.train.eval_batch_size or recipe.train.batch_size
-    ids = datamap.encode_texts(texts, tok, recipe.data)  # as evaluation tokenizes and pads
+    # as evaluation tokenizes and pads
+    if task == "causal_lm":
+        ids = datamap.encode_prompts(texts, tok, recipe.data)
+    else:
+        ids = datamap.encode_texts(texts, tok, recipe.data)
     out: list[dict] = []
     with eval_mode(backend, model):
         for start in range(0, len(ids), bs):
@@ -79,6 +84,8 @@ def predict(
                         }
                     )
             else:
-                decoded = decode(tok, backend.generate(model, batch, recipe.data.label_max_length))
+                decoded = generate_text(
+                    backend, model, tok, ids[start : start + bs], batch, recipe.data, task, recipe.peft.method
+                )
                 out += [{"text": text, "label": label} for text, label in zip(chunk, decoded)]
     return out

@@ -60,7 +60,8 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     name_or_path: str
-    task: Literal["seq2seq", "classification"]
+    # causal_lm: a decoder-only model writes the target text after the prompt (text-to-text, as seq2seq)
+    task: Literal["seq2seq", "classification", "causal_lm"]
     num_labels: int | None = Field(default=None, ge=2)
     # Decoder LLMs ship without a pad token; the seeds' workflow sets it to eos.
     pad_token_as_eos: bool = False
@@ -71,13 +72,16 @@ class DataSpec(_Strict):
     config: str | None = None  # hub config / financial_phrasebank agreement level
     text_field: str = "sentence"
     label_field: str = "label"
-    label_names: list[str] | None = None  # label id -> name; seq2seq targets use these words
+    label_names: list[str] | None = None  # label id -> name; seq2seq and causal_lm targets use these words
     train_split: float = Field(default=0.9, gt=0.0, lt=1.0)
     seed: int = 42
     max_length: int = Field(default=128, ge=1)
     label_max_length: int = Field(default=3, ge=1)
     max_rows: int | None = Field(default=None, ge=2)  # keep the first N rows (smoke runs)
     padding: Literal["longest", "max_length"] = "longest"
+    # causal_lm: the prompt as a user message in the tokenizer's chat template (auto: when it has
+    # one, as instruction-tuned models were trained), or the bare text (none).
+    chat_template: Literal["auto", "none"] = "auto"
 
 
 class PrefixSpec(_Strict):
@@ -137,6 +141,8 @@ def is_head_parameter(name: str) -> bool:
 
 # Methods peft implements (its config, layers and file format); bitfit is dualtune's; none = full fine-tuning.
 PEFT_LIBRARY_METHODS = ("prefix", "prompt", "p_tuning", "lora", "ia3")
+# peft's prompt learning: virtual tokens (or their keys and values) before the input.
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "p_tuning")
 
 
 class PeftSpec(_Strict):
@@ -162,7 +168,10 @@ class LossSpec(_Strict):
 TASK_METRICS = {
     "classification": ["eval_loss", "accuracy", *AVERAGES],
     "seq2seq": ["eval_loss", "teacher_forced_accuracy", "exact_match", *AVERAGES],
+    "causal_lm": ["eval_loss", "teacher_forced_accuracy", "exact_match", *AVERAGES],
 }
+# Tasks whose model writes the label as text: token-mean losses, teacher forcing, generation.
+TEXT_TASKS = ("seq2seq", "causal_lm")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -235,7 +244,7 @@ class TrainSpec(_Strict):
     seed: int = 42
     output_dir: str = "runs/{recipe}-{backend}"  # {recipe} and {backend} are filled in
     log_every: int = Field(default=1, ge=1)
-    generate: bool = True  # seq2seq: also evaluate by generating label text
+    generate: bool = True  # seq2seq, causal_lm: also evaluate by generating label text
     dropout: bool = True  # false: every dropout off (backends cannot share dropout masks)
     # bf16/fp16: the forward and loss autocast to that type; weights, gradients and AdamW's state stay
     # float32. fp16 scales the loss (dynamic) and skips steps whose gradients overflow.
@@ -320,7 +329,7 @@ class Recipe(_Strict):
             raise ValueError(f"train.best_metric {metric!r}: expected one of {', '.join(TASK_METRICS[task])}")
         if self.train.early_stopping_patience is not None and metric is None:
             raise ValueError("train.early_stopping_patience needs train.best_metric (what must improve)")
-        if task == "seq2seq" and metric == "exact_match" and not self.train.generate:
+        if task in TEXT_TASKS and metric == "exact_match" and not self.train.generate:
             raise ValueError("train.best_metric exact_match needs train.generate=true")
         if self.train.gradient_checkpointing and self.peft.method == "prefix":
             # transformers' checkpointed layers set past_key_values=None, where peft puts the prefix.

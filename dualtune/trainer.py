@@ -18,7 +18,7 @@ from dualtune.callbacks import Callback, CallbackList, LoopState, NanGuard
 from dualtune.evaluation import evaluate
 from dualtune.metrics import better
 from dualtune.prepare import Prepared
-from dualtune.recipe import Recipe
+from dualtune.recipe import TEXT_TASKS, Recipe
 from dualtune.rundir import fault_point
 from dualtune.schedule import lr_at
 
@@ -84,9 +84,10 @@ def epoch_order(prep: Prepared, epoch: int, world: int = 1) -> np.ndarray:
 
 def loss_shares(prep: Prepared, micro_batches: list[dict[str, np.ndarray]]) -> list[float]:
     """Each micro-batch's share of the step's loss, so that the weighted sum of their mean losses is
-    the mean loss of the whole step batch: label tokens for seq2seq (token means), examples for
-    classification, or their class weights under a weighted loss (torch's weighted mean)."""
-    if prep.recipe.model.task == "seq2seq":
+    the mean loss of the whole step batch: label tokens for seq2seq and causal_lm (token means; a
+    causal_lm row's label tokens are its target's), examples for classification, or their class
+    weights under a weighted loss (torch's weighted mean)."""
+    if prep.recipe.model.task in TEXT_TASKS:
         sizes = [float((b["labels"] != -100).sum()) for b in micro_batches]
     elif prep.class_weights is not None:
         sizes = [float(prep.class_weights[b["labels"]].sum()) for b in micro_batches]
@@ -192,7 +193,8 @@ def train(
             )  # after the update: the step is done
             state.step += 1
             state.position += 1
-            # tokens: non-padding input tokens, plus label tokens for seq2seq (what a step learns from)
+            # tokens: non-padding input tokens, plus label tokens for seq2seq (what a step learns from;
+            # a causal_lm target is part of its input)
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             if task == "seq2seq":
                 tokens += sum(int((b["labels"] != -100).sum()) for b in micro)

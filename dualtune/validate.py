@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from dualtune import data as datamap
-from dualtune.backend import check_precision, default_backend, framework
+from dualtune.backend import check_precision, default_backend, framework, no_pad_token
 from dualtune.errors import BackendError, DataError, RecipeError, RunDirError
 from dualtune.prepare import class_weights
-from dualtune.recipe import PEFT_LIBRARY_METHODS, Recipe
+from dualtune.recipe import PEFT_LIBRARY_METHODS, TEXT_TASKS, Recipe
 from dualtune.rundir import RunPlan, plan_run
 from dualtune.tracking import check_trackers, probe_trackers
 
@@ -64,7 +64,7 @@ class Plan:
     epochs: float
     eval_points: list[int]
     input_tokens: dict[str, int] | None = None  # p50, p95, max (before truncation), padded max
-    target_tokens: dict[str, int] | None = None  # seq2seq: label words' token counts
+    target_tokens: dict[str, int] | None = None  # seq2seq, causal_lm: label words' token counts
     model_parameters: int | None = None  # from the weights file's header
     max_positions: int | None = None
     warnings: list[str] = field(default_factory=list)
@@ -396,13 +396,17 @@ def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, 
     virtual = 0
     if recipe.peft.method in ("prompt", "p_tuning") and not (config or {}).get("is_encoder_decoder"):
         virtual = getattr(recipe.peft, recipe.peft.method).num_virtual_tokens
-    if limit is not None and spec.max_length + virtual > limit:
+    # causal_lm: the target and its EOS follow the prompt in the same positions
+    target = spec.label_max_length + 1 if task == "causal_lm" else 0
+    if limit is not None and spec.max_length + target + virtual > limit:
         plus = f" + {virtual} virtual tokens ({recipe.peft.method})" if virtual else ""
+        if target:
+            plus = f" + data.label_max_length {spec.label_max_length} + EOS{plus}"
         where = "its GGUF metadata" if recipe.model.name_or_path.endswith(".gguf") else "config.json"
         raise RecipeError(
             f"data.max_length {spec.max_length}{plus}: above the {limit} positions of "
             f"{recipe.model.name_or_path} ({where}); set data.max_length to at most "
-            f"{limit - virtual}"
+            f"{limit - target - virtual}"
         )
     if tok is None:
         what = (
@@ -435,19 +439,37 @@ def check_lengths(recipe: Recipe, config: dict | None, tok, rows: datamap.Rows, 
             f"({100 * cut / len(lengths):.0f} %; p50 {plan.input_tokens['p50']}, p95 "
             f"{plan.input_tokens['p95']} tokens)"
         )
-    if task == "seq2seq":
+    if task in TEXT_TASKS:
         check_label_words(recipe, tok, rows.label_names, sorted(set(rows.labels)), plan)
 
 
+def check_pad_token(recipe: Recipe, directory: Path) -> None:
+    """A tokenizer without a pad token (decoder LLMs: Llama, Mistral) needs
+    ``model.pad_token_as_eos``; the run's own check (``no_pad_token``), made from the tokenizer's files."""
+    if recipe.model.pad_token_as_eos:
+        return
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            settings = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict) and settings.get("pad_token"):
+            return
+    if (directory / "tokenizer_config.json").is_file():  # else not known here: the run checks
+        raise no_pad_token(recipe.model.name_or_path)
+
+
 def check_label_words(recipe: Recipe, tok, names: list[str], present: list[int], plan: Plan) -> None:
-    """seq2seq targets are the label words cut to ``data.label_max_length`` tokens: cut words warn,
-    words that become the same target (or no word at all) are an error."""
+    """seq2seq and causal_lm targets are the label words cut to ``data.label_max_length`` tokens
+    (seq2seq's with the tokenizer's end token, causal_lm's the words' own, EOS after): cut words
+    warn, words that become the same target (or no word at all) are an error."""
     limit = recipe.data.label_max_length
-    full = [tok.encode(n).ids for n in names]
+    special = recipe.model.task != "causal_lm"  # as data.encode_targets tokenizes them
+    full = [tok.encode(n, add_special_tokens=special).ids for n in names]
     plan.target_tokens = {n: len(ids) for n, ids in zip(names, full)}
     tok.enable_truncation(limit)
     try:
-        cut_ids = [tuple(tok.encode(n).ids) for n in names]
+        cut_ids = [tuple(tok.encode(n, add_special_tokens=special).ids) for n in names]
     finally:
         tok.no_truncation()
     kept = [tok.decode(list(ids), skip_special_tokens=True) for ids in cut_ids]
@@ -582,6 +604,7 @@ def validate(
             f"lengths and label words not checked"
         )
     else:
+        check_pad_token(recipe, directory)
         check_lengths(recipe, config, load_tokenizer(directory), rows, plan)
     if target is not None:
         weights_bytes = None

@@ -19,6 +19,16 @@ CASES = {
     "bert": ("minilm_demo.yaml", ["data.max_rows=52"]),
     "bert-class-weights": ("minilm_demo.yaml", ["data.max_rows=null", "loss.class_weights=balanced"]),
     "t5": ("t5_lora.yaml", ["data.max_rows=52", "train.group_by_length=true"]),  # token means
+    # causal_lm: token means over the target tokens (prompts masked out)
+    "llama-causal": (
+        "smollm2_fpb_gen.yaml",
+        [
+            "data.max_rows=52",
+            "peft.method=none",
+            "train.best_metric=null",
+            "schedule.warmup_ratio=null",
+        ],
+    ),
 }
 
 
@@ -48,8 +58,8 @@ def losses(model_dir, data, case, batch_size, accum):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_micro_batches_of_8_are_one_batch_of_16(tiny_bert, tiny_t5, fin_data, case):
-    model_dir = tiny_t5 if case == "t5" else tiny_bert
+def test_two_micro_batches_of_8_are_one_batch_of_16(tiny_bert, tiny_t5, tiny_llama, fin_data, case):
+    model_dir = {"t5": tiny_t5, "llama-causal": tiny_llama}.get(case, tiny_bert)
     one_loss, one_norm, one_tokens = losses(model_dir, fin_data, case, 16, 1)
     two_loss, two_norm, two_tokens = losses(model_dir, fin_data, case, 8, 2)
     assert one_tokens == two_tokens  # the same rows in every step

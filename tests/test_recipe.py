@@ -45,7 +45,7 @@ def error_of(overrides: list[str], raw: dict | None = None) -> str:
         (["optim.lr=.inf"], "optim.lr: got inf (float), expected a finite number"),
         (
             ["model.task=translation"],
-            "model.task: got 'translation' (str), expected 'seq2seq' or 'classification'",
+            "model.task: got 'translation' (str), expected 'seq2seq', 'classification' or 'causal_lm'",
         ),
         (
             ["optim.betas=[0.9, x]"],
@@ -190,6 +190,7 @@ EXPECTED_RECIPES = {
     "minilm_demo": ("classification", "lora", FPB),
     "minilm_fpb": ("classification", "lora", FPB),
     "smollm2_fpb": ("classification", "lora", FPB),
+    "smollm2_fpb_gen": ("causal_lm", "lora", FPB),
     "disaster_mpnet": ("classification", "lora", DISASTER),
     "disaster_smollm2": ("classification", "lora", DISASTER),
 }

@@ -21,7 +21,7 @@ import transformers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from dualtune.backend import Backend, BackendError, Batch, Tensor
+from dualtune.backend import Backend, BackendError, Batch, Tensor, no_pad_token
 from dualtune.backends.hf.methods import (
     BITFIT_CONFIG,
     BITFIT_WEIGHTS,
@@ -136,10 +136,7 @@ class HFBackend(Backend):
             correct_gguf_tokenizer(tok, source.path)
         if tok.pad_token is None:
             if not model_spec.pad_token_as_eos:
-                raise BackendError(
-                    f"tokenizer of {model_spec.name_or_path} has no pad token; "
-                    f"set model.pad_token_as_eos=true (decoder LLMs)"
-                )
+                raise no_pad_token(model_spec.name_or_path)
             tok.pad_token = tok.eos_token
         return tok
 
@@ -149,6 +146,8 @@ class HFBackend(Backend):
         try:
             if model_spec.task == "seq2seq":
                 model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, **gguf)
+            elif model_spec.task == "causal_lm":
+                model = transformers.AutoModelForCausalLM.from_pretrained(path, **gguf)
             else:
                 model = transformers.AutoModelForSequenceClassification.from_pretrained(
                     path,
@@ -161,6 +160,11 @@ class HFBackend(Backend):
             raise model_not_found(model_spec.name_or_path, err) from None
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        if model_spec.task == "causal_lm":
+            # Generation stops at the tokenizer's EOS, which every target ends with (a GGUF file's
+            # generation config may name another: see correct_gguf_tokenizer).
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model.to(self.torch_device)
 
     def apply_peft(self, model: Any, peft_spec: Any, task: str, seed: int) -> Any:
@@ -240,6 +244,8 @@ class HFBackend(Backend):
                 do_sample=False,
                 num_beams=1,
             )
+        if not getattr(model.config, "is_encoder_decoder", False):
+            out = out[:, batch["input_ids"].shape[1] :]  # a decoder returns the prompt before the new tokens
         return self.to_numpy(out)
 
     # -- saving and loading

@@ -23,7 +23,7 @@ BITFIT_WEIGHTS = "adapter_model.safetensors"
 def _task_type(task: str) -> Any:
     from peft import TaskType
 
-    return TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.SEQ_CLS
+    return {"seq2seq": TaskType.SEQ_2_SEQ_LM, "causal_lm": TaskType.CAUSAL_LM}.get(task, TaskType.SEQ_CLS)
 
 
 def peft_config(peft_spec: Any, task: str, model_path: str | None = None) -> Any:
