@@ -563,11 +563,32 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], recipe: Recipe, where: Path) -> None:
     now = fingerprint(recipe)
     for key in sorted(set(saved) | set(now)):
+        if key not in saved and now[key] == _default(recipe, key):
+            continue  # a key a later dualtune added, at the value the checkpoint's run had
         if saved.get(key) != now.get(key):
             raise RunDirError(
                 f"--resume {where}: {key} was {saved.get(key)!r} in the checkpoint, now "
                 f"{now.get(key)!r}; resuming would mix two runs (start a new run instead)"
             )
+
+
+def _default(recipe: Recipe, key: str) -> Any:
+    """The recipe schema's default for the dotted ``key`` (as ``flat_recipe`` writes values), or a
+    marker that equals nothing when it has none."""
+    from pydantic import BaseModel
+
+    model: Any = type(recipe)
+    value: Any = _NO_DEFAULT
+    for part in key.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return _NO_DEFAULT
+        value = field.get_default(call_default_factory=True)
+        model = field.annotation
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+_NO_DEFAULT = object()
 
 
 def continuation(recipe: Recipe, data: dict[str, Any], processes: int) -> dict[str, Any]:

@@ -86,3 +86,19 @@ def test_every_file_of_a_checkpoint_is_verified(tmp_path):
         f"{newest}: damaged (trainable.safetensors changed since it was written (sha256)); resuming "
         f"from step-0000003, the newest intact checkpoint"
     ]
+
+
+def test_a_key_a_later_version_added_resumes_at_its_default_and_is_refused_at_another_value(tmp_path):
+    """A checkpoint of an earlier dualtune lacks keys added since (data.chat_template): at their
+    default the run is the one the checkpoint's run was; set otherwise it is another run."""
+    from dualtune.errors import RunDirError
+    from dualtune.recipe import load_recipe
+    from dualtune.rundir import check_resumable, fingerprint
+
+    recipe = load_recipe(RECIPES / "minilm_demo.yaml")
+    older = {k: v for k, v in fingerprint(recipe).items() if k != "data.chat_template"}
+    check_resumable(older, recipe, tmp_path)
+    with pytest.raises(RunDirError, match=r"data.chat_template was None in the checkpoint, now 'none'"):
+        check_resumable(
+            older, load_recipe(RECIPES / "minilm_demo.yaml", ["data.chat_template=none"]), tmp_path
+        )
