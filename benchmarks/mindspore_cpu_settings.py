@@ -56,7 +56,9 @@ def child(names: list[str], length: int, steps: int, method: str) -> None:
     for name in names:
         if name not in (*AFTER_IMPORT, "frozen_encoder"):
             getattr(cpu_speed, name)()
-    import mindnlp  # noqa: F401  (import torch -> mindtorch)
+    from dualtune.backends.mindspore import import_mindnlp
+
+    import_mindnlp()  # from here on, `import torch` is mindtorch
     import numpy as np
     import torch
     from mindtorch.autograd import value_and_grad

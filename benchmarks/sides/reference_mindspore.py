@@ -86,7 +86,9 @@ def run_reference_mindspore(cfg: dict) -> dict:
     import mindspore
 
     mindspore.set_device("CPU")
-    import mindnlp  # noqa: F401  (from here on, `import torch` is mindtorch)
+    from dualtune.backends.mindspore import import_mindnlp
+
+    import_mindnlp()  # from here on, `import torch` is mindtorch
     from mindtorch.autograd import value_and_grad
 
     inputs = reference_inputs(cfg)

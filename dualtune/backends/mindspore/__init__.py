@@ -79,6 +79,17 @@ def activate(device: str) -> None:
 
         if not GlobalComm.INITED:
             init()
+    import_mindnlp()
+    if launched_by_msrun():
+        unwrap_checkpoint_resolution()
+    if speed:
+        settings += [cpu_speed.patch_linear(), cpu_speed.patch_transposes(), cpu_speed.patch_rms_norms()]
+        log.info("mindspore CPU settings: %s", ", ".join(settings))
+
+
+def import_mindnlp() -> None:
+    """``import mindnlp`` (from then on ``import torch`` is mindtorch in this process), without its
+    side effects on the environment. Every import of mindnlp in the project goes through here."""
     # mindnlp points HF_ENDPOINT at a mirror when it is unset; keep the user's choice (unset means
     # huggingface.co, as everywhere else) and leave the environment as we found it.
     user_endpoint = os.environ.get("HF_ENDPOINT")
@@ -96,14 +107,8 @@ def activate(device: str) -> None:
     finally:
         if hide_onnxruntime:
             del sys.modules["onnxruntime"]
-
-    if user_endpoint is None:
-        del os.environ["HF_ENDPOINT"]
-    if launched_by_msrun():
-        unwrap_checkpoint_resolution()
-    if speed:
-        settings += [cpu_speed.patch_linear(), cpu_speed.patch_transposes(), cpu_speed.patch_rms_norms()]
-        log.info("mindspore CPU settings: %s", ", ".join(settings))
+        if user_endpoint is None:
+            os.environ.pop("HF_ENDPOINT", None)
 
 
 def create(device: str = "cpu") -> Backend:
