@@ -26,7 +26,7 @@ overrides() {
         bitfit) echo "peft.method=bitfit optim.lr=5e-3" ;;
         ia3) echo "peft.method=ia3 optim.lr=1e-2" ;;
         prefix) echo "peft.method=prefix peft.prefix.num_virtual_tokens=20 optim.lr=1e-2 train.epochs=5" ;;
-        p_tuning) echo "peft.method=p_tuning peft.p_tuning.num_virtual_tokens=20 optim.lr=1e-3 train.epochs=5" ;;
+        p_tuning) echo "peft.method=p_tuning peft.p_tuning.num_virtual_tokens=20 optim.lr=1e-2 train.epochs=5" ;;
         prompt) echo "peft.method=prompt peft.prompt.num_virtual_tokens=20 optim.lr=3e-2 train.epochs=5" ;;
         *) echo "unknown method $1" >&2; exit 2 ;;
     esac

@@ -28,10 +28,12 @@ VARIABLES = (
 
 def versions(backend_name: str) -> dict[str, str]:
     """Python, dualtune and the backend's packages, from their installed metadata (nothing imported)."""
-    from dualtune.backend import framework
+    from dualtune.backend import backend_names, framework
 
     out = {"python": platform.python_version(), "dualtune": __version__}
-    for pkg in framework(backend_name).packages:
+    # a backend no descriptor registers (a library user's own) names no packages
+    packages = framework(backend_name).packages if backend_name in backend_names() else ()
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
