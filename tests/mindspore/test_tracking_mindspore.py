@@ -51,9 +51,12 @@ def test_all_trackers_on_mindspore(ms, tiny_bert, fin_data, tmp_path, monkeypatc
 
 
 def test_trackers_import_no_real_torch_in_a_fresh_mindspore_process():
-    """mindspore and mindnlp first, then each tracker library and what dualtune uses of it."""
+    """mindspore and mindnlp first (as the backend imports it), then each tracker library and what
+    dualtune uses of it."""
     code = (
-        "import mindspore, mindnlp\n"
+        "import mindspore\n"
+        "from dualtune.backends.mindspore import import_mindnlp\n"
+        "import_mindnlp()\n"
         "import tensorboardX, mlflow, wandb\n"
         "from tensorboardX import SummaryWriter\n"
         "from mlflow.tracking import MlflowClient\n"
