@@ -136,6 +136,11 @@ def free_name(target: Path) -> Path:
         n += 1
 
 
+def _some(names: list[str]) -> str:
+    """The first five of ``names``, and how many more, for a one-line refusal."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def check_target(target: Path, overwrite: bool = False) -> None:
     """Refuse, in one line, an output path dualtune must not write: a file, a folder with foreign
     files, or one of its own finished runs without ``overwrite``. Reads only; called before work."""
@@ -164,9 +169,8 @@ def check_target(target: Path, overwrite: bool = False) -> None:
         )
     foreign = foreign_files(target, marker)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(
-            f"{target}: holds files its run did not write ({shown}); --overwrite replaces only a run's "
+            f"{target}: holds files its run did not write ({_some(foreign)}); --overwrite replaces only a run's "
             f"own files: move them out, or choose a free --output-dir, e.g. {free_name(target)}"
         )
 
@@ -213,9 +217,8 @@ def check_new_folder(path: Path, own_names: set[str], overwrite: bool = False) -
         return
     foreign = [n for n in names if n not in own_names]
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(
-            f"{path}: holds files dualtune did not write ({shown}), which it never touches; choose another folder"
+            f"{path}: holds files dualtune did not write ({_some(foreign)}), which it never touches; choose another folder"
         )
     if not overwrite:
         raise RunDirError(

@@ -184,7 +184,7 @@ def save_adapter(backend: Backend, prep: Prepared, directory: Path) -> None:
     """The adapter in its library's format, naming its base model as the recipe does (a hub id, a
     ``pkg:`` spec, the path as given), never the path it resolved to here (a site-packages or cache
     folder of this machine): copied to another machine, it resolves there again. The resolved
-    path is the run's own record (data.json's neighbour, recipe.yaml, says what was asked)."""
+    path is the run's own record (environment.json)."""
     backend.save(prep.model, directory, prep.recipe.peft)
     portable_adapter(directory, prep.recipe.model.name_or_path)
 

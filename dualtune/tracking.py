@@ -441,7 +441,8 @@ class Tracking(Callback):
     def state_dict(self) -> dict | None:
         if not self.started:
             return None
-        return {t.name: t.state() for t in self.started if t.state() is not None}
+        states = {t.name: t.state() for t in self.started}
+        return {name: state for name, state in states.items() if state is not None}
 
     def load_state_dict(self, state: dict) -> None:
         self.previous = dict(state)
